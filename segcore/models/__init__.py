@@ -1,0 +1,19 @@
+"""Lite-HRNet segmentation models: templates, model factory, weights and complexity.
+
+Importing this package pulls in torch only (no MLflow, boto3 or kfp).
+"""
+
+from segcore.models.complexity import complexity
+from segcore.models.segmenter import Segmenter, create_model
+from segcore.models.templates import TEMPLATES, Template, get_template
+from segcore.models.weights import load_backbone_weights
+
+__all__ = [
+    "TEMPLATES",
+    "Segmenter",
+    "Template",
+    "complexity",
+    "create_model",
+    "get_template",
+    "load_backbone_weights",
+]

@@ -1,0 +1,59 @@
+"""Backbone + head, built from a template."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcore.models.heads import FCNHead, IterativeAggregator
+from segcore.models.litehrnet import LiteHRNet
+from segcore.models.templates import Template, get_template
+
+__all__ = ["Segmenter", "create_model"]
+
+
+class Segmenter(nn.Module):
+    """A backbone and a decode head; logits are resized (bilinear) to the input size.
+
+    ``forward`` takes N x 3 x H x W normalised images and returns N x C x H x W logits.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decode_head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def create_model(template: str | Template, num_classes: int) -> Segmenter:
+    """Build the Lite-HRNet segmenter of ``template`` (ID, name or record) for ``num_classes``."""
+    template = get_template(template)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    bb, head = template.backbone, template.head
+    aggregator = None
+    if head.aggregator_in_backbone:
+        aggregator = IterativeAggregator(bb.channels, head.aggregator_min_channels)
+    backbone = LiteHRNet(
+        stem_channels=bb.stem_channels,
+        stem_strides=bb.stem_strides,
+        extra_stride=bb.extra_stride,
+        num_modules=bb.num_modules,
+        num_branches=bb.num_branches,
+        num_blocks=bb.num_blocks,
+        reduce_ratios=bb.reduce_ratios,
+        channels=bb.channels,
+        aggregator=aggregator,
+    )
+    decode_head = FCNHead(
+        in_channels=[aggregator.out_channels] if aggregator is not None else bb.channels,
+        channels=head.channels,
+        num_classes=num_classes,
+        aggregate=aggregator is None,
+        aggregator_min_channels=head.aggregator_min_channels,
+    )
+    return Segmenter(backbone, decode_head)

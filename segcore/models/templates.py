@@ -1,0 +1,202 @@
+"""The four Lite-HRNet templates of OpenVINO Training Extensions, as immutable records.
+
+Architectures follow the OTX 1.x configs (``otx/algorithms/segmentation/configs/ocr_lite_hrnet_*``
+and ``otx/algorithms/common/adapters/mmcv/configs/backbones/lite_hrnet_{s,18,x}.py``):
+
+* every template uses spatial weighting v1 (squeeze-and-excitation) and no neighbour weighting
+  (s sets both explicitly, 18 and x rely on the defaults, x sets v1 explicitly);
+* every aggregator runs without merge normalisation and without concatenation; only x-mod3
+  widens narrow branches (``aggregator_min_channels=60``);
+* every head: kernel 1, one conv whose ReLU OTX removes, no input concat, no dropout, BN, no
+  output normalisation, ``align_corners=False``, ignore index 255.
+
+Lite-HRNet-18 vs Lite-HRNet-18-mod2: same backbone and the same computation. In the OTX 1.0
+model zoo (``model_preparation_algorithm``: ``models/segmentation/_base_/ocr_litehrnet18.py``
+vs ``ocr_litehrnet18_mod2.py``) "18" runs the iterative aggregator at the end of the backbone
+(``out_aggregator.enable=True``) and a single-input FCN head, while "mod2" keeps the backbone
+multi-branch and aggregates inside the head (``enable_aggregator=True``). That placement is what
+``aggregator_in_backbone`` reproduces; it moves the aggregator's weights from ``decode_head.`` to
+``backbone.``. The older OTE 0.x "18" also carried an OCR head (hence "_OCR"); like the later
+OTX releases, none of these templates attaches one. The reference GFLOPs/MB of the table date
+from those OTE 0.x models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from segcore.errors import SegcoreError
+
+__all__ = [
+    "TEMPLATES",
+    "BackboneConfig",
+    "HeadConfig",
+    "Template",
+    "TrainingDefaults",
+    "get_template",
+]
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+_WEIGHTS_URL = (
+    "https://storage.openvinotoolkit.org/repositories/openvino_training_extensions/models/custom_semantic_segmentation/"
+)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Lite-HRNet backbone settings (one tuple entry per stage, channels of the last stage)."""
+
+    stem_channels: int
+    stem_strides: tuple[int, int]
+    extra_stride: bool
+    num_modules: tuple[int, ...]
+    num_branches: tuple[int, ...]
+    num_blocks: tuple[int, ...]
+    reduce_ratios: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        stages = len(self.num_modules)
+        if not (len(self.num_branches) == len(self.num_blocks) == len(self.reduce_ratios) == stages):
+            raise ValueError("num_modules, num_branches, num_blocks and reduce_ratios need one entry per stage")
+        if self.num_branches[-1] != len(self.channels):
+            raise ValueError("channels must list every branch of the last stage")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """FCN head settings."""
+
+    channels: int
+    aggregator_min_channels: int = 0
+    aggregator_in_backbone: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """The training recipe shared by the templates (OTX 1.x defaults)."""
+
+    input_size: tuple[int, int] = (512, 512)  # height, width
+    batch_size: int = 8
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 40.0
+    warmup_iters: int = 80
+    warmup_start_factor: float = 1 / 3
+    plateau_factor: float = 0.1
+    plateau_patience: int = 5
+    min_learning_rate: float = 1e-6
+    early_stop_start_epoch: int = 3
+    early_stop_patience: int = 8
+    max_epochs: int = 300
+    max_pooling_ratio: float = 0.25
+    max_pooling_p: float = 1.7
+    ignore_index: int = 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN_RGB
+    std: tuple[float, float, float] = IMAGENET_STD_RGB
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Template:
+    """A model template: architecture, training defaults and the published figures."""
+
+    id: str
+    name: str
+    backbone: BackboneConfig
+    head: HeadConfig
+    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    reference_gflops: float = 0.0  # OTX template metadata ("gigaflops")
+    reference_size_mb: float = 0.0  # OTX template metadata ("size")
+    pretrained_url: str = ""  # public ImageNet backbone checkpoint used by OTX (load_from)
+
+
+TEMPLATES: tuple[Template, ...] = (
+    Template(
+        id="Custom_Semantic_Segmentation_Lite-HRNet-s-mod2_OCR",
+        name="Lite-HRNet-s-mod2",
+        backbone=BackboneConfig(
+            stem_channels=32,
+            stem_strides=(2, 2),
+            extra_stride=True,
+            num_modules=(4, 4),
+            num_branches=(2, 3),
+            num_blocks=(2, 2),
+            reduce_ratios=(8, 8),
+            channels=(60, 120, 240),
+        ),
+        head=HeadConfig(channels=60),
+        reference_gflops=1.82,
+        reference_size_mb=3.5,
+        pretrained_url=_WEIGHTS_URL + "litehrnetsv2_imagenet1k_rsc.pth",
+    ),
+    Template(
+        id="Custom_Semantic_Segmentation_Lite-HRNet-18_OCR",
+        name="Lite-HRNet-18",
+        backbone=BackboneConfig(
+            stem_channels=32,
+            stem_strides=(2, 2),
+            extra_stride=False,
+            num_modules=(2, 4, 2),
+            num_branches=(2, 3, 4),
+            num_blocks=(2, 2, 2),
+            reduce_ratios=(8, 8, 8),
+            channels=(40, 80, 160, 320),
+        ),
+        head=HeadConfig(channels=40, aggregator_in_backbone=True),
+        reference_gflops=3.45,
+        reference_size_mb=4.5,
+        pretrained_url=_WEIGHTS_URL + "litehrnet18_imagenet1k_rsc.pth",
+    ),
+    Template(
+        id="Custom_Semantic_Segmentation_Lite-HRNet-18-mod2_OCR",
+        name="Lite-HRNet-18-mod2",
+        backbone=BackboneConfig(
+            stem_channels=32,
+            stem_strides=(2, 2),
+            extra_stride=False,
+            num_modules=(2, 4, 2),
+            num_branches=(2, 3, 4),
+            num_blocks=(2, 2, 2),
+            reduce_ratios=(8, 8, 8),
+            channels=(40, 80, 160, 320),
+        ),
+        head=HeadConfig(channels=40),
+        reference_gflops=3.63,
+        reference_size_mb=4.8,
+        pretrained_url=_WEIGHTS_URL + "litehrnet18_imagenet1k_rsc.pth",
+    ),
+    Template(
+        id="Custom_Semantic_Segmentation_Lite-HRNet-x-mod3_OCR",
+        name="Lite-HRNet-x-mod3",
+        backbone=BackboneConfig(
+            stem_channels=60,
+            stem_strides=(2, 1),
+            extra_stride=False,
+            num_modules=(2, 4, 4, 2),
+            num_branches=(2, 3, 4, 5),
+            num_blocks=(2, 2, 2, 2),
+            reduce_ratios=(2, 4, 8, 8),
+            channels=(18, 60, 80, 160, 320),
+        ),
+        head=HeadConfig(channels=60, aggregator_min_channels=60),
+        reference_gflops=13.97,
+        reference_size_mb=6.4,
+        pretrained_url=_WEIGHTS_URL + "litehrnetxv3_imagenet1k_rsc.pth",
+    ),
+)
+
+
+def get_template(name_or_id: str | Template) -> Template:
+    """Look a template up by ID or name, ignoring case; a ``Template`` is returned as is."""
+    if isinstance(name_or_id, Template):
+        return name_or_id
+    key = str(name_or_id).strip().lower()
+    for template in TEMPLATES:
+        if key in (template.id.lower(), template.name.lower()):
+            return template
+    valid = ", ".join(f"{t.name} ({t.id})" for t in TEMPLATES)
+    raise SegcoreError(f"unknown model template {name_or_id!r}; valid templates: {valid}")
