@@ -124,10 +124,17 @@ def convert(
     seed: int = 42,
     skip_invalid: bool = False,
     overwrite: bool = False,
+    as_split: str | None = None,
+    default_spec: LabelSpec | None = None,
     workers: int | None = None,
     progress: Callable[[int], object] | bool = False,
 ) -> dict:
-    """Convert a dataset to the canonical layout at ``output``; return the manifest."""
+    """Convert a dataset to the canonical layout at ``output``; return the manifest.
+
+    ``as_split`` puts every item into that split (test data for evaluation); the other split
+    stays empty. ``default_spec`` names the labels when the data itself does not (a model's labels
+    for its test data).
+    """
     started = time.perf_counter()
     output = Path(output)
     if output.exists() and not overwrite:
@@ -139,14 +146,21 @@ def convert(
         Path(val_ann) if val_ann else None,
         fmt,
     )
+    if source.spec is None and default_spec is not None:
+        source.spec = default_spec
     for note in source.notes:
         log.info("%s", note)
     split_info = None
-    if not any(i.split == "val" for i in source.items) and source.val_location is None:
+    if as_split is not None:
+        for item in source.items:
+            item.split = as_split
+        source.val_location = None
+    elif not any(i.split == "val" for i in source.items) and source.val_location is None:
         split_train_val(source.items, val_ratio, seed)
         split_info = {"from": "train", "val_ratio": val_ratio, "seed": seed}
         log.info("no validation split given: took %.0f%% of train as val (seed %d)", val_ratio * 100, seed)
-    _check_not_empty(source, Path(train_root))
+    required = (as_split,) if as_split else SPLITS
+    _check_not_empty(source, Path(train_root), required)
 
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +170,7 @@ def convert(
             (tmp / "masks" / split).mkdir(parents=True)
         written, invalid = _run(source, tmp, skip_invalid, workers, progress)
         manifest = _manifest(source, written, split_info, Path(train_root))
-        _check_not_empty_after_skip(manifest, Path(train_root))
+        _check_not_empty_after_skip(manifest, Path(train_root), required)
         elapsed = time.perf_counter() - started
         report = {
             "checked": len(source.items),
@@ -189,15 +203,15 @@ def _replace(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_not_empty(source: Source, train_root: Path) -> None:
-    for split in SPLITS:
+def _check_not_empty(source: Source, train_root: Path, splits: tuple[str, ...]) -> None:
+    for split in splits:
         if not any(i.split == split for i in source.items):
             where = source.val_location if split == "val" and source.val_location else train_root
             raise DataError(f"the {split} split is empty: no images or masks found", where)
 
 
-def _check_not_empty_after_skip(manifest: dict, train_root: Path) -> None:
-    for split in SPLITS:
+def _check_not_empty_after_skip(manifest: dict, train_root: Path, splits: tuple[str, ...]) -> None:
+    for split in splits:
         if manifest["splits"][split] == 0:
             raise DataError(f"the {split} split is empty after skipping invalid items", train_root)
 

@@ -103,12 +103,13 @@ def _rgb(value, path: Path) -> tuple[int, int, int]:
 
 
 def find_meta_file(*folders: Path | None) -> Path | None:
-    """The first ``dataset_meta.json`` in the given folders or their parents."""
+    """The first ``dataset_meta.json`` in the given folders, their parents or grandparents
+    (so ``root/dataset_meta.json`` serves ``root/images/train`` given as an image folder)."""
     seen: set[Path] = set()
     for folder in folders:
         if folder is None:
             continue
-        for candidate in (folder, folder.parent):
+        for candidate in (folder, folder.parent, folder.parent.parent):
             if candidate in seen:
                 continue
             seen.add(candidate)

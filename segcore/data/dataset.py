@@ -1,0 +1,80 @@
+"""PyTorch datasets over a canonical dataset (see ``segcore.data.convert``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segcore.data.convert import load_manifest
+from segcore.data.transforms import AugmentConfig, TrainTransform, eval_preprocess
+from segcore.errors import DataError
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError("unreadable image", path)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None or mask.ndim != 2:
+        raise DataError("unreadable index mask", path)
+    return mask
+
+
+class SegmentationDataset(Dataset):
+    """Items of one split. With ``augment`` set, samples are augmented with a generator seeded
+    by (seed, epoch, index), so a resumed run sees the same data as an uninterrupted one."""
+
+    def __init__(self, root: str | Path, split: str, augment: AugmentConfig | None = None, seed: int = 0):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        self.items = self.manifest["items"][split]
+        self.split = split
+        self.transform = TrainTransform(augment) if augment else None
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        item = self.items[index]
+        return read_rgb(self.root / item["image"]), read_mask(self.root / item["mask"])
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        if self.transform is None:
+            return image, mask
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, mask = self.transform(image, mask, rng)
+        return torch.from_numpy(image), torch.from_numpy(mask)
+
+
+class EvalDataset(Dataset):
+    """Images resized to the network input; masks at their original size (scoring happens there)."""
+
+    def __init__(self, root: str | Path, split: str, input_size: tuple[int, int]):
+        self.base = SegmentationDataset(root, split)
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, mask = self.base.load(index)
+        return torch.from_numpy(eval_preprocess(image, self.input_size)), torch.from_numpy(mask.astype(np.int64))
+
+
+def collate_eval(batch):
+    images = torch.stack([b[0] for b in batch])
+    return images, [b[1] for b in batch]

@@ -1,0 +1,163 @@
+"""Training augmentations and evaluation preprocessing (numpy + OpenCV, HWC uint8 RGB in).
+
+The training recipe, in order: random rescale (ratio 0.5-2.0 of the base scale) + random crop (at
+most 75% of the crop from one class), horizontal flip, random rotation (image padded with 0, mask
+with the ignore index), photometric distortion, and image mixing (with p=0.5 the photometric step
+runs twice and the two copies are blended through a mask made from smoothed noise); then padding
+to the crop size and ImageNet normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+cv2.setNumThreads(1)  # data workers run in parallel processes; keep OpenCV single-threaded
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_size: tuple[int, int] = (512, 512)  # (H, W), the network input size
+    base_scale_factor: float = 544 / 512  # the rescale base is crop_size * this (OTX: 544 for 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_p: float = 0.5
+    rotate_p: float = 0.5
+    rotate_degrees: float = 30.0
+    mix_p: float = 0.5
+    ignore_index: int = 255
+
+
+def rescale(image: np.ndarray, mask: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize keeping the aspect ratio so the image fits in ``scale`` (long, short) sides."""
+    h, w = mask.shape
+    long_side, short_side = max(scale), min(scale)
+    factor = min(long_side / max(h, w), short_side / min(h, w))
+    size = (max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    return image, mask
+
+
+def random_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    cat_max_ratio: float,
+    ignore_index: int,
+    tries: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``size`` (H, W); retry up to ``tries`` times while one class fills > cat_max_ratio."""
+    h, w = mask.shape
+    ch, cw = min(size[0], h), min(size[1], w)
+
+    def window():
+        y = int(rng.integers(0, h - ch + 1))
+        x = int(rng.integers(0, w - cw + 1))
+        return y, x
+
+    y, x = window()
+    if cat_max_ratio < 1.0:
+        for _ in range(tries):
+            crop = mask[y : y + ch, x : x + cw]
+            counts = np.bincount(crop.ravel(), minlength=256)
+            counts[ignore_index] = 0
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            y, x = window()
+    return image[y : y + ch, x : x + cw], mask[y : y + ch, x : x + cw]
+
+
+def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = mask.shape
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), degrees, 1.0)
+    image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+    mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=ignore_index)
+    return image, mask
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness (±32), contrast (0.5-1.5), saturation (0.5-1.5) and hue (±18) each with p=0.5;
+    contrast before or after the colour changes at random (mmseg's PhotoMetricDistortion)."""
+    img = image.astype(np.float32)
+    if rng.random() < 0.5:
+        img += rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        img *= rng.uniform(0.5, 1.5)
+    do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_sat or do_hue:
+        hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+        if do_sat:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+        if do_hue:  # OpenCV's 8-bit hue runs 0..179
+            hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 19)) % 180
+        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    if not contrast_first and rng.random() < 0.5:
+        img *= rng.uniform(0.5, 1.5)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def mixing_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Binary mask from Gaussian noise smoothed with sigma = exp(log10(U(4, 16))), cut at its median."""
+    noise = rng.standard_normal(shape).astype(np.float32)
+    sigma = math.exp(math.log10(rng.uniform(4.0, 16.0)))
+    smooth = cv2.GaussianBlur(noise, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    return smooth > np.median(smooth)
+
+
+def pad_to(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], ignore_index: int):
+    h, w = mask.shape
+    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
+    if ph or pw:
+        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        mask = cv2.copyMakeBorder(mask, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore_index)
+    return image, mask
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """HWC uint8 RGB -> CHW float32 normalised with the ImageNet mean/std."""
+    img = (image.astype(np.float32) - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+class TrainTransform:
+    def __init__(self, config: AugmentConfig):
+        self.cfg = config
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        cfg = self.cfg
+        base = (cfg.crop_size[0] * cfg.base_scale_factor, cfg.crop_size[1] * cfg.base_scale_factor)
+        ratio = rng.uniform(*cfg.ratio_range)
+        image, mask = rescale(image, mask, (int(base[0] * ratio), int(base[1] * ratio)))
+        image, mask = random_crop(image, mask, cfg.crop_size, rng, cfg.cat_max_ratio, cfg.ignore_index)
+        if rng.random() < cfg.flip_p:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        if rng.random() < cfg.rotate_p:
+            angle = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
+            image, mask = rotate(np.ascontiguousarray(image), np.ascontiguousarray(mask), angle, cfg.ignore_index)
+        if rng.random() < cfg.mix_p:
+            first, second = photometric(image, rng), photometric(image, rng)
+            keep = mixing_mask(mask.shape, rng)
+            # Only the photometric step differs between the copies, so the labels of both agree
+            # and the mask needs no blending.
+            image = np.where(keep[..., None], first, second)
+        else:
+            image = photometric(image, rng)
+        image, mask = pad_to(np.ascontiguousarray(image), np.ascontiguousarray(mask), cfg.crop_size, cfg.ignore_index)
+        return normalize(image), mask.astype(np.int64)
+
+
+def eval_preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (not keeping the ratio) to the network input size, then normalise."""
+    if image.shape[:2] != tuple(size):
+        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return normalize(image)

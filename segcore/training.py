@@ -1,0 +1,434 @@
+"""The training loop: Adam, gradient clipping, linear warm-up then plateau on validation Dice,
+early stopping, per-epoch checkpoints that a killed run resumes from, and the model bundle.
+
+Output folder (``--output``)::
+
+    last.pt         full training state after the last finished epoch (resume point)
+    best.pt         weights of the best epoch (validation mean Dice)
+    metrics.jsonl   one JSON object per finished epoch
+    model.json      bundle metadata; written last, so its presence means training finished
+    dataset/        the canonical dataset, when training started from raw data
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from segcore import __version__
+from segcore.data.convert import load_manifest
+from segcore.data.dataset import EvalDataset, SegmentationDataset, collate_eval
+from segcore.data.transforms import MEAN, STD, AugmentConfig
+from segcore.errors import SegcoreError
+from segcore.losses import MaxPoolingCrossEntropy
+from segcore.metrics import ConfusionMatrix
+from segcore.models import create_model, get_template
+
+log = logging.getLogger(__name__)
+
+BUNDLE_META = "model.json"
+BEST = "best.pt"
+LAST = "last.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    template: str
+    epochs: int
+    batch_size: int
+    input_size: tuple[int, int]
+    lr: float
+    seed: int
+    num_workers: int = 2
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 40.0
+    warmup_iters: int = 80
+    warmup_start_factor: float = 1 / 3
+    plateau_factor: float = 0.1
+    plateau_patience: int = 5
+    min_lr: float = 1e-6
+    early_stop_start_epoch: int = 3
+    early_stop_patience: int = 8
+    max_pooling_ratio: float = 0.25
+    max_pooling_p: float = 1.7
+    time_budget_min: float | None = None  # stop before an epoch that would overrun this
+    augment: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_template(cls, template: str, **overrides) -> TrainConfig:
+        t = get_template(template)
+        d = t.training
+        values = dict(
+            template=t.id,
+            epochs=d.max_epochs,
+            batch_size=d.batch_size,
+            input_size=tuple(d.input_size),
+            lr=d.learning_rate,
+            seed=d.seed,
+            adam_eps=d.adam_eps,
+            weight_decay=d.weight_decay,
+            grad_clip_norm=d.grad_clip_norm,
+            warmup_iters=d.warmup_iters,
+            warmup_start_factor=d.warmup_start_factor,
+            plateau_factor=d.plateau_factor,
+            plateau_patience=d.plateau_patience,
+            min_lr=d.min_learning_rate,
+            early_stop_start_epoch=d.early_stop_start_epoch,
+            early_stop_patience=d.early_stop_patience,
+            max_pooling_ratio=d.max_pooling_ratio,
+            max_pooling_p=d.max_pooling_p,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["input_size"] = tuple(values["input_size"])
+        return cls(**values)
+
+
+class WarmupPlateauLR:
+    """Linear warm-up per iteration from ``start_factor`` x LR, then ReduceLROnPlateau (mode max)
+    on the validation score per epoch; no reductions while warming up."""
+
+    def __init__(self, optimizer, base_lr, warmup_iters, start_factor, factor, patience, min_lr, threshold=1e-4):
+        self.optimizer = optimizer
+        self.base_lr, self.warmup_iters, self.start_factor = base_lr, warmup_iters, start_factor
+        self.factor, self.patience, self.min_lr, self.threshold = factor, patience, min_lr, threshold
+        self.iteration = 0
+        self.lr = base_lr * (start_factor if warmup_iters > 0 else 1.0)
+        self.best = -math.inf
+        self.bad_epochs = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    @property
+    def warming_up(self) -> bool:
+        return self.iteration < self.warmup_iters
+
+    def step_iteration(self) -> None:
+        """Call after each optimizer step."""
+        self.iteration += 1
+        if self.iteration <= self.warmup_iters:
+            progress = self.iteration / self.warmup_iters
+            self.lr = self.base_lr * (self.start_factor + (1 - self.start_factor) * progress)
+            self._apply()
+
+    def step_epoch(self, score: float) -> None:
+        """Call after each validation with the mean Dice."""
+        if score > self.best + self.threshold:
+            self.best, self.bad_epochs = score, 0
+            return
+        if self.warming_up:
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.lr = max(self.lr * self.factor, self.min_lr)
+            self.bad_epochs = 0
+            self._apply()
+
+    def state_dict(self) -> dict:
+        keys = ("iteration", "lr", "best", "bad_epochs")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._apply()
+
+
+class EarlyStopping:
+    """Stop when the score has not improved for ``patience`` epochs, counted from ``start_epoch``."""
+
+    def __init__(self, start_epoch: int, patience: int):
+        self.start_epoch, self.patience = start_epoch, patience
+        self.best = -math.inf
+        self.best_epoch = 0
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Record ``score`` for ``epoch`` (1-based); True when training should stop."""
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
+            return False
+        if epoch < self.start_epoch:
+            return False
+        return epoch - max(self.best_epoch, self.start_epoch - 1) >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    dataset: EvalDataset,
+    num_classes: int,
+    ignore_index: int,
+    labels: list[str] | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Dice/IoU over all pixels of a split; logits are resized to each mask's own size."""
+    from tqdm import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval)
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        logits = predict(images)
+        for logit, mask in zip(logits, masks, strict=True):
+            if logit.shape[-2:] != mask.shape:
+                logit = torch.nn.functional.interpolate(
+                    logit[None], size=mask.shape, mode="bilinear", align_corners=False
+                )[0]
+            cm.update(logit.argmax(0), mask)
+    scores = cm.scores(labels)
+    scores["num_images"] = len(dataset)
+    scores["confusion_matrix"] = cm.matrix.tolist()
+    return scores
+
+
+def train(
+    config: TrainConfig,
+    dataset_root: str | Path,
+    output: str | Path,
+    *,
+    resume: bool = False,
+    load_weights: str | Path | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train ``config.template`` on a canonical dataset; return the bundle metadata."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    manifest = load_manifest(dataset_root)
+    labels = manifest["labels"]
+    ignore_index = manifest["ignore_index"]
+    num_classes = len(labels)
+    template = get_template(config.template)
+    last_path = output / LAST
+
+    if (output / BUNDLE_META).exists() and not resume:
+        raise SegcoreError("holds a finished training; choose a new --output", output)
+    if last_path.exists() and not resume:
+        raise SegcoreError(
+            "holds an unfinished training; pass --resume to continue it or choose a new --output", output
+        )
+    output.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.seed)
+    model = create_model(template, num_classes)
+    if load_weights and not (resume and last_path.exists()):
+        from segcore.models import load_backbone_weights
+
+        load_backbone_weights(model, load_weights)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
+    )
+    scheduler = WarmupPlateauLR(
+        optimizer,
+        config.lr,
+        config.warmup_iters,
+        config.warmup_start_factor,
+        config.plateau_factor,
+        config.plateau_patience,
+        config.min_lr,
+    )
+    stopper = EarlyStopping(config.early_stop_start_epoch, config.early_stop_patience)
+    criterion = MaxPoolingCrossEntropy(ignore_index, config.max_pooling_ratio, config.max_pooling_p)
+    start_epoch = 1
+    train_seconds = 0.0
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state["dataset_hash"] != manifest["content_hash"]:
+            raise SegcoreError("the dataset changed since this training started; use a new --output", output)
+        if state["template"] != template.id:
+            raise SegcoreError(f"was trained with {state['template']}, not {template.id}", last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        _set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        train_seconds = state.get("train_seconds", 0.0)
+        log.info("resuming after epoch %d (best mean Dice %.4f)", state["epoch"], stopper.best)
+        if state.get("stopped"):
+            start_epoch = config.epochs + 1
+    elif resume:
+        log.info("nothing to resume in %s: starting from scratch", output)
+        (output / METRICS).unlink(missing_ok=True)
+
+    augment = AugmentConfig(crop_size=config.input_size, ignore_index=ignore_index, **config.augment)
+    train_set = SegmentationDataset(dataset_root, "train", augment, seed=config.seed)
+    val_set = EvalDataset(dataset_root, "val", config.input_size)
+    if len(train_set) < config.batch_size:
+        log.warning("batch size %d > %d training items: using %d", config.batch_size, len(train_set), len(train_set))
+    batch_size = min(config.batch_size, len(train_set))
+    loader_args = dict(num_workers=config.num_workers, persistent_workers=False)
+    if config.num_workers > 0:
+        loader_args["prefetch_factor"] = 2
+
+    last_done = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if config.time_budget_min is not None and epoch > 1:
+            last_epoch_s = train_seconds / max(1, epoch - 1)
+            if train_seconds + last_epoch_s > config.time_budget_min * 60:
+                log.info("time budget of %.1f min reached after %d epochs", config.time_budget_min, epoch - 1)
+                break
+        started = time.perf_counter()
+        train_set.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        loader = DataLoader(
+            train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **loader_args
+        )
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for images, masks in bar:
+            logits = model(images)
+            loss = criterion(logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            scheduler.step_iteration()
+            loss_sum += loss.item() * len(images)
+            seen += len(images)
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.lr:.2e}", ips=f"{rate:.2f}")
+        bar.close()
+        train_time = time.perf_counter() - started
+        model.eval()
+        scores = evaluate(model, val_set, num_classes, ignore_index, labels, progress=progress)
+        epoch_time = time.perf_counter() - started
+        train_seconds += epoch_time
+        mdice = scores["mdice"]
+        improved = mdice > stopper.best
+        lr_used = scheduler.lr
+        should_stop = stopper.update(epoch, mdice)
+        scheduler.step_epoch(mdice)
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "val_mdice": mdice,
+            "val_miou": scores["miou"],
+            "val_dice": {k: v["dice"] for k, v in scores["per_class"].items()},
+            "lr": lr_used,
+            "img_per_s": seen / train_time,
+            "epoch_seconds": epoch_time,
+            "best": improved,
+        }
+        if improved:
+            _save_atomic({"model": model.state_dict(), "epoch": epoch, "mdice": mdice}, output / BEST)
+        _save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "early_stopping": stopper.state_dict(),
+                "rng": _rng_state(),
+                "epoch": epoch,
+                "template": template.id,
+                "dataset_hash": manifest["content_hash"],
+                "train_seconds": train_seconds,
+                "stopped": should_stop,
+            },
+            last_path,
+        )
+        with open(output / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(
+            "epoch %d: loss %.4f  val mDice %.4f  mIoU %.4f  lr %.2e  %.2f img/s  %.0fs%s",
+            epoch,
+            record["train_loss"],
+            mdice,
+            scores["miou"],
+            lr_used,
+            record["img_per_s"],
+            epoch_time,
+            "  (best)" if improved else "",
+        )
+        last_done = epoch
+        if on_epoch:
+            on_epoch(record)
+        if should_stop:
+            log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
+            break
+
+    if not (output / BEST).exists():
+        raise SegcoreError("training ended before any epoch finished", output)
+    best = torch.load(output / BEST, map_location="cpu", weights_only=True)
+    meta = {
+        "segcore_version": __version__,
+        "template": template.id,
+        "template_name": template.name,
+        "labels": labels,
+        "colors": manifest["colors"],
+        "ignore_index": ignore_index,
+        "input_size": list(config.input_size),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "color_order": "RGB",
+        "weights": BEST,
+        "best_epoch": best["epoch"],
+        "best_val_mdice": best["mdice"],
+        "epochs_run": last_done,
+        "train_seconds": round(train_seconds, 1),
+        "training_config": asdict(config),
+        "dataset_hash": manifest["content_hash"],
+        "dataset_splits": manifest["splits"],
+    }
+    _write_json_atomic(meta, output / BUNDLE_META)
+    return meta

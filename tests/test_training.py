@@ -1,0 +1,369 @@
+"""Loss, augmentations, LR schedule, early stopping, metrics, and training end to end (incl. resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from segcore.cli import main
+from segcore.data import transforms as T
+from segcore.data.synthetic import generate
+from segcore.losses import MaxPoolingCrossEntropy, max_pooling_weights
+from segcore.metrics import ConfusionMatrix
+from segcore.training import EarlyStopping, WarmupPlateauLR
+
+# ---------------------------------------------------------------------------------- loss
+
+
+def brute_force_weights(losses: list[float], ratio: float, p: float) -> list[float]:
+    """The documented algorithm, scalar loop by loop (sorted scan, threshold, tau / alpha);
+    pixels at or above the stopping index i* get tau."""
+    eps = float(np.finfo(np.float32).eps)
+    order = sorted(range(len(losses)), key=lambda k: losses[k])
+    s = [losses[k] for k in order]
+    size = len(s)
+    w = [0.0] * size
+    pos = 0
+    while pos < size and s[pos] < eps:
+        pos += 1
+    n = size - pos
+    m = int(ratio * n)
+    if n <= 0 or m <= 0:
+        return w
+    q = p / (p - 1)
+    c = m - n
+    a0 = a1 = 0.0
+    i, eta = pos, 0.0
+    while i < size and eta < eps:
+        lq = (s[i] / s[-1]) ** q
+        a0, a1 = a1, a1 + lq
+        c += 1
+        eta = c * lq - a1
+        i += 1
+    if eta < eps:
+        c += 1
+        a0 = a1
+    else:
+        i -= 1  # i* itself gets tau
+    alpha = (a0 / c) ** (1 / q) * s[-1]
+    tau = 1 / (n ** (1 / q) * m ** (1 / p))
+    for k in range(i, size):
+        w[order[k]] = tau
+    if alpha > -eps:
+        for k in range(pos, i):
+            w[order[k]] = tau * (s[k] / alpha) ** (q - 1)
+    return w
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ratio,p", [(0.25, 1.7), (0.5, 2.5), (0.1, 1.3)])
+def test_max_pooling_weights_match_brute_force(seed, ratio, p):
+    rng = np.random.default_rng(seed)
+    losses = rng.exponential(1.0, size=300).astype(np.float32)
+    losses[:20] = 0.0  # zero-loss pixels get no weight
+    got = max_pooling_weights(torch.from_numpy(losses), ratio, p).numpy()
+    want = np.array(brute_force_weights(losses.tolist(), ratio, p))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+    assert np.all(got[:20] == 0)
+    ranked = got[np.argsort(losses)][20:]  # non-zero losses, easiest first
+    n, m = len(ranked), int(ratio * len(ranked))
+    tau = 1 / (n ** (1 - 1 / p) * m ** (1 / p))
+    assert ranked[-1] == pytest.approx(tau)  # the hardest pixels get tau
+    assert ranked[-len(ranked) // 4 :].mean() > 2 * ranked[: len(ranked) // 2].mean()  # hard ones dominate
+
+
+def test_max_pooling_degenerate_cases():
+    assert torch.all(max_pooling_weights(torch.zeros(10)) == 0)
+    assert torch.all(max_pooling_weights(torch.tensor([1.0, 2.0])) == 0)  # m = int(0.25 * 2) = 0
+
+
+def test_max_pooling_loss_gradient_follows_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 7, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 7))
+    target[0, 0, :] = 255
+    loss = MaxPoolingCrossEntropy(ignore_index=255)(logits, target)
+    loss.backward()
+    # the same value and gradient from the weights used as constants
+    logits2 = logits.detach().clone().requires_grad_(True)
+    pixel = torch.nn.functional.cross_entropy(logits2, target, ignore_index=255, reduction="none")
+    valid = target != 255
+    w = max_pooling_weights(pixel[valid].detach())
+    manual = (w * pixel[valid]).sum()
+    manual.backward()
+    assert torch.allclose(loss, manual, rtol=1e-5)
+    assert torch.allclose(logits.grad, logits2.grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(logits.grad[0, :, 0, :] == 0)  # ignored pixels contribute nothing
+    # a step against the gradient lowers the loss
+    with torch.no_grad():
+        stepped = logits - 0.1 * logits.grad
+    assert MaxPoolingCrossEntropy()(stepped, target) < loss
+
+
+# ---------------------------------------------------------------------------------- augmentations
+
+
+def _blocky(h=60, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.kron(rng.integers(0, 4, size=(h // 10, w // 10)), np.ones((10, 10), dtype=np.int64)).astype(np.uint8)
+    mask[:5, :] = 255
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    image[..., 0] = np.where(mask == 255, 250, mask * 40 + 20)
+    image[..., 1] = 100
+    return image, mask
+
+
+def _agreement(image, mask):
+    """Share of interior mask pixels (away from class edges, where interpolation blends colours)
+    whose colour encodes their class; padding is image 0 with mask ignore."""
+    expect = np.where(mask == 255, 250, mask.astype(np.int32) * 40 + 20)
+    padded = (mask == 255) & (image[..., 0] == 0)
+    ok = (np.abs(image[..., 0].astype(np.int32) - expect) <= 2) | padded
+    m = np.pad(mask, 1, mode="edge")
+    interior = (m[1:-1, 1:-1] == m[:-2, 1:-1]) & (m[1:-1, 1:-1] == m[2:, 1:-1])
+    interior &= (m[1:-1, 1:-1] == m[1:-1, :-2]) & (m[1:-1, 1:-1] == m[1:-1, 2:])
+    return ok[interior].mean()
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda i, m, r: T.rescale(i, m, (120, 90)),
+        lambda i, m, r: T.rescale(i, m, (40, 30)),
+        lambda i, m, r: T.random_crop(i, m, (40, 50), r, 0.75, 255),
+        lambda i, m, r: (i[:, ::-1], m[:, ::-1]),
+        lambda i, m, r: T.rotate(i, m, 25.0, 255),
+        lambda i, m, r: T.pad_to(i, m, (64, 96), 255),
+    ],
+    ids=["upscale", "downscale", "crop", "flip", "rotate", "pad"],
+)
+def test_geometric_augmentations_keep_alignment(op):
+    image, mask = _blocky()
+    out_image, out_mask = op(image, mask, np.random.default_rng(0))
+    assert out_image.shape[:2] == out_mask.shape
+    assert _agreement(out_image, out_mask) > 0.97
+    assert set(np.unique(out_mask)) <= set(np.unique(mask))  # no new values: ignore stays 255
+
+
+def test_rotation_pads_image_zero_and_mask_ignore():
+    image, mask = _blocky()
+    out_image, out_mask = T.rotate(image, mask, 30.0, 255)
+    corner = (slice(0, 3), slice(0, 3))
+    assert np.all(out_mask[corner] == 255) and np.all(out_image[corner] == 0)
+
+
+def test_crop_limits_one_class_share():
+    mask = np.zeros((100, 100), dtype=np.uint8)
+    mask[:, 70:] = 1
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    shares = []
+    for _ in range(20):
+        _, m = T.random_crop(image, mask, (50, 50), rng, 0.75, 255)
+        shares.append(np.bincount(m.ravel(), minlength=2)[:2].max() / m.size)
+    assert np.mean(np.array(shares) < 0.75) > 0.8
+
+
+def test_photometric_and_mixing_leave_mask_alone():
+    image, mask = _blocky()
+    rng = np.random.default_rng(3)
+    keep = T.mixing_mask(mask.shape, rng)
+    assert keep.dtype == bool and 0.4 < keep.mean() < 0.6
+    out = T.photometric(image, rng)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    cfg = T.AugmentConfig(crop_size=(48, 64), mix_p=1.0, rotate_p=0.0)
+    x, y = T.TrainTransform(cfg)(image, mask, np.random.default_rng(1))
+    assert x.shape == (3, 48, 64) and x.dtype == np.float32 and y.shape == (48, 64)
+    assert set(np.unique(y)) <= set(np.unique(mask))
+
+
+def test_train_transform_is_deterministic_per_seed():
+    image, mask = _blocky()
+    t = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32)))
+    a = t(image, mask, np.random.default_rng([1, 2, 3]))
+    b = t(image, mask, np.random.default_rng([1, 2, 3]))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+def _optimizer(lr=1.0):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_warmup_then_plateau_sequence():
+    opt = _optimizer()
+    s = WarmupPlateauLR(opt, 1.0, warmup_iters=4, start_factor=1 / 3, factor=0.1, patience=2, min_lr=0.005)
+    lrs = [s.lr]
+    for _ in range(6):
+        s.step_iteration()
+        lrs.append(opt.param_groups[0]["lr"])
+    expected = [1 / 3, 1 / 3 + 2 / 3 * 0.25, 1 / 3 + 2 / 3 * 0.5, 1 / 3 + 2 / 3 * 0.75, 1.0, 1.0, 1.0]
+    assert lrs == pytest.approx(expected)
+    s.step_epoch(0.5)  # best
+    for _ in range(3):  # 3 bad epochs > patience 2 -> drop
+        s.step_epoch(0.4)
+    assert s.lr == pytest.approx(0.1)
+    for _ in range(3):
+        s.step_epoch(0.4)
+    assert s.lr == pytest.approx(0.01)
+    for _ in range(3):
+        s.step_epoch(0.4)
+    assert s.lr == pytest.approx(0.005)  # floored at min_lr
+    s.step_epoch(0.9)  # improvement resets the count
+    s.step_epoch(0.8)
+    s.step_epoch(0.8)
+    assert s.lr == pytest.approx(0.005)
+
+
+def test_no_plateau_drop_during_warmup():
+    opt = _optimizer()
+    s = WarmupPlateauLR(opt, 1.0, warmup_iters=100, start_factor=0.5, factor=0.1, patience=0, min_lr=1e-6)
+    s.step_epoch(0.5)
+    for _ in range(5):
+        s.step_iteration()
+        s.step_epoch(0.1)
+    assert s.lr == pytest.approx(0.5 + 0.5 * 5 / 100)
+
+
+def test_warmup_plateau_state_round_trip():
+    opt = _optimizer()
+    s = WarmupPlateauLR(opt, 1.0, 4, 1 / 3, 0.1, 2, 1e-6)
+    for _ in range(5):
+        s.step_iteration()
+    s.step_epoch(0.3)
+    s.step_epoch(0.2)
+    t = WarmupPlateauLR(_optimizer(), 1.0, 4, 1 / 3, 0.1, 2, 1e-6)
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+
+
+def test_early_stopping():
+    stop = EarlyStopping(start_epoch=3, patience=2)
+    decisions = [stop.update(e, s) for e, s in enumerate([0.5, 0.4, 0.4, 0.6, 0.5, 0.5, 0.5], start=1)]
+    assert decisions == [False, False, False, False, False, True, True]
+    assert stop.best_epoch == 4
+    late = EarlyStopping(start_epoch=5, patience=2)
+    assert [late.update(e, s) for e, s in enumerate([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], start=1)] == [
+        False, False, False, False, False, True,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def test_dice_and_iou_by_hand():
+    # classes 0, 1, 2 (2 absent everywhere), 3 predicted but never true; 255 ignored
+    gt = np.array([[0, 0, 1, 1], [0, 255, 1, 255]])
+    pred = np.array([[0, 1, 1, 1], [3, 3, 1, 0]])
+    cm = ConfusionMatrix(4, 255)
+    cm.update(pred, gt)
+    s = cm.scores(["a", "b", "c", "d"])
+    # class 0: gt 3 px, pred 1 px (ignored pixels excluded), tp 1 -> dice 2/4, iou 1/3
+    # class 1: gt 3, pred 4 (one predicted where gt is 0), tp 3 -> dice 6/7, iou 3/4
+    # class 2: absent -> left out
+    # class 3: gt 0, pred 1 -> dice 0, iou 0
+    assert s["per_class"]["a"] == {"dice": pytest.approx(0.5), "iou": pytest.approx(1 / 3)}
+    assert s["per_class"]["b"] == {"dice": pytest.approx(6 / 7), "iou": pytest.approx(0.75)}
+    assert s["per_class"]["c"] == {"dice": None, "iou": None}
+    assert s["per_class"]["d"] == {"dice": 0.0, "iou": 0.0}
+    assert s["mdice"] == pytest.approx((0.5 + 6 / 7 + 0) / 3)
+    assert s["miou"] == pytest.approx((1 / 3 + 0.75 + 0) / 3)
+
+
+def test_dice_sums_pixels_over_the_split_not_per_image():
+    cm = ConfusionMatrix(2, 255)
+    cm.update(np.array([1, 1, 1, 1]), np.array([1, 1, 1, 1]))  # perfect, 4 px of class 1
+    cm.update(np.array([0]), np.array([1]))  # one miss
+    s = cm.scores()
+    assert s["per_class"]["1"]["dice"] == pytest.approx(2 * 4 / (5 + 4))
+    assert not math.isnan(s["mdice"])
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0"]
+
+
+def test_train_eval_predict_end_to_end(tmp_path, capsys):
+    gen = generate(tmp_path / "raw", "plain", num_train=8, num_val=4, size=(40, 48), seed=1)
+    out = tmp_path / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
+                 "--epochs", "2", *TINY, "--json"]) == 0  # fmt: skip
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert meta["labels"] == gen.labels and meta["epochs_run"] == 2
+    assert meta["template"] == "Custom_Semantic_Segmentation_Lite-HRNet-s-mod2_OCR"
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert "model" in state
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["val_mdice"] <= 1 and set(r["val_dice"]) == set(gen.labels) for r in records)
+
+    assert main(["eval", str(out), "--test-data-root", str(gen.root / "images" / "val"),
+                 "--test-ann-files", str(gen.root / "annotations" / "val"), "--json"]) == 0  # fmt: skip
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["num_images"] == 4 and set(scores["per_class"]) == set(gen.labels)
+    assert scores["mdice"] == pytest.approx(meta["best_val_mdice"], abs=1e-6)
+
+    pred = tmp_path / "pred"
+    assert main(["predict", str(out), "--input", str(gen.root / "images" / "val"), "--output", str(pred),
+                 "--overlay"]) == 0  # fmt: skip
+    from PIL import Image
+
+    masks = sorted(pred.glob("val_*[0-9].png"))
+    assert len(masks) == 4
+    m = np.array(Image.open(masks[0]))
+    assert m.dtype == np.uint8 and m.shape == (40, 48) and m.max() < len(gen.labels)
+    assert len(list(pred.glob("*_overlay.png"))) == 4
+
+
+def test_train_refuses_to_clobber_and_eval_rejects_non_bundle(tmp_path, capsys):
+    gen = generate(tmp_path / "raw", "plain", num_train=4, num_val=2, size=(32, 32))
+    assert main(["eval", str(tmp_path), "--test-data-root", str(gen.root)]) == 2
+    assert "not a segcore model bundle" in capsys.readouterr().err
+    assert main(["train", "no-such-template", "--train-data-root", str(gen.root), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Lite-HRNet-18" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
+    gen = generate(tmp_path / "raw", "plain", num_train=8, num_val=2, size=(32, 32), seed=2)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "segcore.cli", "train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root),
+           "--output", str(out), "--epochs", "12", *TINY]  # fmt: skip
+    env = {**os.environ, "CI": "true"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert not (out / "model.json").exists()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == done[-1]  # the checkpoint holds every finished epoch
+
+    # the same command without --resume refuses; with it, training continues after done[-1]
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 2
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {done[-1]}" in resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # nothing redone, nothing skipped
+    assert len(epochs) > len(done)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["epochs_run"] == epochs[-1]
