@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from segcore.data.transforms import MEAN as IMAGENET_MEAN_RGB
+from segcore.data.transforms import STD as IMAGENET_STD_RGB
 from segcore.errors import SegcoreError
 
 __all__ = [
@@ -36,8 +38,6 @@ __all__ = [
     "get_template",
 ]
 
-IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
-IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 _WEIGHTS_URL = (
     "https://storage.openvinotoolkit.org/repositories/openvino_training_extensions/models/custom_semantic_segmentation/"
 )
@@ -114,6 +114,18 @@ class Template:
     pretrained_url: str = ""  # public ImageNet backbone checkpoint used by OTX (load_from)
 
 
+# Lite-HRNet-18 and 18-mod2 share the backbone; they differ in where the aggregator sits.
+_LITE_HRNET_18 = BackboneConfig(
+    stem_channels=32,
+    stem_strides=(2, 2),
+    extra_stride=False,
+    num_modules=(2, 4, 2),
+    num_branches=(2, 3, 4),
+    num_blocks=(2, 2, 2),
+    reduce_ratios=(8, 8, 8),
+    channels=(40, 80, 160, 320),
+)
+
 TEMPLATES: tuple[Template, ...] = (
     Template(
         id="Custom_Semantic_Segmentation_Lite-HRNet-s-mod2_OCR",
@@ -136,16 +148,7 @@ TEMPLATES: tuple[Template, ...] = (
     Template(
         id="Custom_Semantic_Segmentation_Lite-HRNet-18_OCR",
         name="Lite-HRNet-18",
-        backbone=BackboneConfig(
-            stem_channels=32,
-            stem_strides=(2, 2),
-            extra_stride=False,
-            num_modules=(2, 4, 2),
-            num_branches=(2, 3, 4),
-            num_blocks=(2, 2, 2),
-            reduce_ratios=(8, 8, 8),
-            channels=(40, 80, 160, 320),
-        ),
+        backbone=_LITE_HRNET_18,
         head=HeadConfig(channels=40, aggregator_in_backbone=True),
         reference_gflops=3.45,
         reference_size_mb=4.5,
@@ -154,16 +157,7 @@ TEMPLATES: tuple[Template, ...] = (
     Template(
         id="Custom_Semantic_Segmentation_Lite-HRNet-18-mod2_OCR",
         name="Lite-HRNet-18-mod2",
-        backbone=BackboneConfig(
-            stem_channels=32,
-            stem_strides=(2, 2),
-            extra_stride=False,
-            num_modules=(2, 4, 2),
-            num_branches=(2, 3, 4),
-            num_blocks=(2, 2, 2),
-            reduce_ratios=(8, 8, 8),
-            channels=(40, 80, 160, 320),
-        ),
+        backbone=_LITE_HRNET_18,
         head=HeadConfig(channels=40),
         reference_gflops=3.63,
         reference_size_mb=4.8,
