@@ -43,6 +43,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--split-seed", type=int, default=42, help="seed of that split (default 42)")
 
 
+def data_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``segcore.data.convert`` that the shared data flags set."""
+    return dict(
+        val_root=args.val_data_root,
+        train_ann=args.train_ann_files,
+        val_ann=args.val_ann_files,
+        fmt=args.format,
+        val_ratio=args.val_ratio,
+        seed=args.split_seed,
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -70,12 +82,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = convert(
         args.train_data_root,
         args.output,
-        val_root=args.val_data_root,
-        train_ann=args.train_ann_files,
-        val_ann=args.val_ann_files,
-        fmt=args.format,
-        val_ratio=args.val_ratio,
-        seed=args.split_seed,
+        **data_kwargs(args),
         skip_invalid=args.skip_invalid,
         overwrite=args.overwrite,
         workers=args.workers,

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from segcore.commands.convert import add_data_arguments
+from segcore.commands.convert import add_data_arguments, data_kwargs
 from segcore.commands.demo_data import parse_size
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,7 @@ def prepare_dataset(args: argparse.Namespace, output: Path) -> Path:
     target = output / "dataset"
     if (target / MANIFEST).is_file():
         return target
-    convert(
-        root,
-        target,
-        val_root=args.val_data_root,
-        train_ann=args.train_ann_files,
-        val_ann=args.val_ann_files,
-        fmt=args.format,
-        val_ratio=args.val_ratio,
-        seed=args.split_seed,
-    )
+    convert(root, target, **data_kwargs(args))
     return target
 
 
