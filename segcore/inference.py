@@ -1,4 +1,4 @@
-"""Loading a trained model bundle and applying it to images at their original size."""
+"""Applying a model to images at their original size: a PyTorch bundle or an OpenVINO IR."""
 
 from __future__ import annotations
 
@@ -60,8 +60,77 @@ class TorchPredictor:
         return logit[0].argmax(0).to(torch.uint8).numpy()
 
 
-def load_predictor(path: str | Path) -> TorchPredictor:
+class OpenVINOPredictor:
+    """An IR written by ``segcore export`` / ``optimize`` (raw uint8 image in, probabilities out)."""
+
+    def __init__(self, path: str | Path, device: str = "CPU", config: dict | None = None):
+        import openvino as ov
+
+        from segcore.export import read_ir, read_meta
+
+        ov_model, self.path = read_ir(path)
+        self.meta = read_meta(ov_model, self.path)
+        self.labels = list(self.meta["labels"])
+        self.input_size = tuple(self.meta["input_size"])
+        config = {"PERFORMANCE_HINT": "LATENCY", **(config or {})}
+        try:
+            self.compiled = ov.Core().compile_model(ov_model, device, config)
+        except RuntimeError as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "failed")
+            raise SegcoreError(
+                f"OpenVINO cannot compile this IR for {device} ({first.strip()[:200]})", self.path
+            ) from None
+        self.request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.to_string() if hasattr(value, "to_string") else str(value)
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB image -> C x H x W class probabilities."""
+        result = self.request.infer({0: np.ascontiguousarray(image)[None]})
+        return result[self.compiled.output(0)][0]
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.probabilities(image).argmax(0).astype(np.uint8)
+
+
+def is_ir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.suffix.lower() == ".xml" or (path.is_dir() and (path / "model.xml").is_file())
+
+
+def load_predictor(path: str | Path, **ov_options) -> TorchPredictor | OpenVINOPredictor:
+    """A PyTorch bundle folder (model.json) or an OpenVINO IR (.xml or a folder with model.xml)."""
+    from segcore.training import BUNDLE_META
+
+    path = Path(path)
+    if is_ir(path) and not (path / BUNDLE_META).is_file():
+        return OpenVINOPredictor(path, **ov_options)
     return TorchPredictor(path)
+
+
+def score(predictor, dataset_root: str | Path, split: str, progress: bool = False) -> dict:
+    """Dice/IoU of ``predictor.predict`` on a split of a canonical dataset, each image at its own size."""
+    from tqdm import tqdm
+
+    from segcore.data.convert import load_manifest
+    from segcore.data.dataset import read_mask, read_rgb
+    from segcore.metrics import ConfusionMatrix
+
+    root = Path(dataset_root)
+    manifest = load_manifest(root)
+    items = manifest["items"].get(split, [])
+    if not items:
+        raise SegcoreError(f"split '{split}' is empty", root)
+    cm = ConfusionMatrix(len(predictor.labels), manifest["ignore_index"])
+    for item in tqdm(items, desc="eval", disable=not progress, leave=False):
+        cm.update(predictor.predict(read_rgb(root / item["image"])), read_mask(root / item["mask"]))
+    scores = cm.scores(predictor.labels)
+    scores["num_images"] = len(items)
+    scores["confusion_matrix"] = cm.matrix.tolist()
+    return scores
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5) -> np.ndarray:

@@ -248,8 +248,13 @@ def train(
     load_weights: str | Path | None = None,
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    initial_model: torch.nn.Module | None = None,
 ) -> dict:
-    """Train ``config.template`` on a canonical dataset; return the bundle metadata."""
+    """Train ``config.template`` on a canonical dataset; return the bundle metadata.
+
+    ``initial_model`` replaces the freshly built network (quantization-aware training passes a
+    trained segmenter with fake-quantizers inserted).
+    """
     from tqdm import tqdm
 
     output = Path(output)
@@ -269,7 +274,7 @@ def train(
     output.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.seed)
-    model = create_model(template, num_classes)
+    model = initial_model if initial_model is not None else create_model(template, num_classes)
     if load_weights and not (resume and last_path.exists()):
         from segcore.models import load_backbone_weights
 

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Predict every image of the test data, resize the prediction to the mask's own "
         "size and score over all pixels of the split (ignore index excluded).",
     )
-    p.add_argument("model", help="model bundle folder (the training --output)")
+    p.add_argument("model", help="model bundle folder (the training --output) or OpenVINO IR (.xml or its folder)")
     p.add_argument(
         "--test-data-root", required=True, metavar="PATH", help="images folder, dataset root or canonical dataset"
     )
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write index masks (and overlays) for images",
         description="Write one uint8 index-mask PNG per input image, same stem, original size.",
     )
-    p.add_argument("model", help="model bundle folder (the training --output)")
+    p.add_argument("model", help="model bundle folder (the training --output) or OpenVINO IR (.xml or its folder)")
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image or a folder of images")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write colour overlays (<stem>_overlay.png)")
@@ -58,9 +58,7 @@ def _canonical(args, workdir: Path, predictor) -> tuple[Path, str]:
 def run_eval(args: argparse.Namespace) -> int:
     from segcore.cli import quiet
     from segcore.data.convert import load_manifest
-    from segcore.data.dataset import EvalDataset
-    from segcore.inference import load_predictor
-    from segcore.training import evaluate
+    from segcore.inference import load_predictor, score
 
     predictor = load_predictor(args.model)
     with tempfile.TemporaryDirectory(prefix="segcore-eval-") as tmp:
@@ -70,17 +68,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise SegcoreError(
                 f"labels {manifest['labels']} differ from the model's {predictor.labels}", args.test_data_root
             )
-        dataset = EvalDataset(root, split, predictor.input_size)
-        if len(dataset) == 0:
-            raise SegcoreError(f"split '{split}' is empty", root)
-        scores = evaluate(
-            predictor,
-            dataset,
-            len(predictor.labels),
-            manifest["ignore_index"],
-            predictor.labels,
-            progress=not quiet() and sys.stderr.isatty(),
-        )
+        scores = score(predictor, root, split, progress=not quiet() and sys.stderr.isatty())
     result = {k: scores[k] for k in ("mdice", "miou", "per_class", "num_images")}
     if args.json:
         print(json.dumps(result))

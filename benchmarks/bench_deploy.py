@@ -1,0 +1,179 @@
+"""Deployment benchmark: PyTorch eager FP32 vs OpenVINO FP32 vs OpenVINO INT8 (PTQ and QAT).
+
+From one CamVid-trained bundle, in one run on an otherwise idle machine:
+
+1. ``segcore export --input-size 512x512``: the FP32 IR (network input 512x512, like OTX's IR);
+2. ``segcore optimize`` of that IR (PTQ, 300 calibration images) and of the bundle (QAT);
+3. CamVid val mean Dice of every model, each image at its own size (480x360);
+4. latency: batch 1, a 512x512 uint8 image in, class probabilities out, 2 threads, after warm-up,
+   median of --iters runs; all four models compute the same thing (resize + normalise + network
+   + upsampling + softmax), PyTorch through the same wrapper module the IR was traced from;
+5. throughput: OpenVINO with the THROUGHPUT hint and an async queue, PyTorch eager with batch 4.
+
+OpenVINO's CPU plugin runs FP32 IRs in bf16 where the CPU has it (INFERENCE_PRECISION_HINT), so
+the OpenVINO models are timed twice: plugin default and forced f32; the table names which.
+
+Usage::
+
+    python benchmarks/bench_deploy.py --bundle benchmarks/results/Lite-HRNet-18-... \\
+        --dataset benchmarks/results/camvid-canonical --out benchmarks/results/deploy-18
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _segcore(*args: str) -> list[str]:
+    return [sys.executable, "-m", "segcore.cli", *args]
+
+
+def _latency(fn, image, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        fn(image)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn(image)
+        times.append(time.perf_counter() - start)
+    return {"latency_ms_median": 1000 * statistics.median(times), "latency_ms_min": 1000 * min(times)}
+
+
+def _ov_throughput(xml: Path, image, config: dict, count: int) -> float:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(xml), "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT"})
+    queue = ov.AsyncInferQueue(compiled)
+    batch = image[None]
+    for _ in range(len(queue)):  # warm-up
+        queue.start_async({0: batch})
+    queue.wait_all()
+    started = time.perf_counter()
+    for _ in range(count):
+        queue.start_async({0: batch})
+    queue.wait_all()
+    return count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="a CamVid-trained model bundle")
+    parser.add_argument("--dataset", required=True, help="the canonical CamVid dataset it was trained on")
+    parser.add_argument("--out", required=True, help="new folder for the IRs and results.json")
+    parser.add_argument("--size", type=int, default=512, help="network input / timed image size (default 512)")
+    parser.add_argument("--iters", type=int, default=60, help="timed runs per model (default 60)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--qat-subset", type=int, default=300, help="QAT calibration images (default 300)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import openvino as ov
+    import torch
+
+    from segcore.export import RawImageModel
+    from segcore.inference import OpenVINOPredictor, TorchPredictor, score
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = f"{args.size}x{args.size}"
+    template = json.loads((Path(args.bundle) / "model.json").read_text())["template"]
+    irs = {"fp32": out / "fp32", "ptq": out / "int8-ptq", "qat": out / "int8-qat"}
+    steps_s = {}
+    if not (irs["fp32"] / "model.xml").exists():
+        t = time.perf_counter()
+        _run(_segcore("export", args.bundle, "--output", str(irs["fp32"]), "--input-size", size))
+        steps_s["export"] = time.perf_counter() - t
+    if not (irs["ptq"] / "model.xml").exists():
+        t = time.perf_counter()
+        _run(_segcore("optimize", template, "--load-weights", str(irs["fp32"]), "--train-data-root", args.dataset,
+                      "--output", str(irs["ptq"])))  # fmt: skip
+        steps_s["ptq"] = time.perf_counter() - t
+    if not (irs["qat"] / "model.xml").exists():
+        t = time.perf_counter()
+        _run(_segcore("optimize", template, "--load-weights", args.bundle, "--train-data-root", args.dataset,
+                      "--output", str(irs["qat"]), "--mode", "qat", "--input-size", size, "--epochs",
+                      str(args.qat_epochs), "--subset-size", str(args.qat_subset)))  # fmt: skip
+        steps_s["qat"] = time.perf_counter() - t
+
+    threads = {"INFERENCE_NUM_THREADS": args.threads}
+    f32 = {**threads, "INFERENCE_PRECISION_HINT": "f32"}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    rows = []
+
+    # PyTorch eager FP32: the same computation as the IR (RawImageModel), network at 512x512
+    torch_p = TorchPredictor(args.bundle)
+    torch_p.input_size = (args.size, args.size)
+    raw = RawImageModel(torch_p.model, torch_p.input_size, torch_p.meta["mean"], torch_p.meta["std"]).eval()
+    x1 = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        lat = _latency(lambda x: raw(x), x1, args.warmup, args.iters)
+        x4 = x1.repeat(4, 1, 1, 1)
+        raw(x4)
+        t = time.perf_counter()
+        for _ in range(5):
+            raw(x4)
+        tput = 20 / (time.perf_counter() - t)
+    dice = score(torch_p, args.dataset, "val")["mdice"]
+    rows.append({"model": "PyTorch eager FP32", "precision": "f32", **lat, "throughput_img_s": tput, "val_mdice": dice})
+    print(rows[-1], flush=True)
+
+    for key, name in (("fp32", "OpenVINO FP32"), ("ptq", "OpenVINO INT8 (PTQ)"), ("qat", "OpenVINO INT8 (QAT)")):
+        xml = irs[key] / "model.xml"
+        for label, config in (("default", threads), ("f32", f32)):
+            p = OpenVINOPredictor(xml, config=config)
+            lat = _latency(lambda im, p=p: p.probabilities(im), image, args.warmup, args.iters)
+            tput = _ov_throughput(xml, image, config, 100)
+            dice = score(p, args.dataset, "val")["mdice"]
+            rows.append({"model": name, "precision": f"{label} ({p.inference_precision})", **lat,
+                         "throughput_img_s": tput, "val_mdice": dice, "ir_mb": _mb(xml)})  # fmt: skip
+            print(rows[-1], flush=True)
+
+    results = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "openvino": ov.get_version(),
+        "torch": torch.__version__,
+        "bundle": str(args.bundle),
+        "template": template,
+        "size": args.size,
+        "iters": args.iters,
+        "threads": args.threads,
+        "step_seconds": steps_s,
+        "reports": {k: json.loads((irs[k] / "report.json").read_text()) for k in ("ptq", "qat")},
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n| model | inference precision | latency ms (median) | throughput img/s | CamVid val mDice |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['precision']} | {r['latency_ms_median']:.1f} | {r['throughput_img_s']:.2f} | "
+              f"{r['val_mdice']:.4f} |")  # fmt: skip
+    return 0
+
+
+def _mb(xml: Path) -> float:
+    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""INT8 with NNCF: post-training quantization of an IR, or quantization-aware training of a bundle.
+
+Both follow OTX's settings for Lite-HRNet: the mixed preset (symmetric weights, asymmetric
+activations), the multiplications inside cross-resolution and spatial weighting left in floating
+point (they scale features by sigmoid gates, which INT8 hurts), and for PTQ also the iterative
+aggregator's additions; activation ranges from mean quantiles with outlier probability 1e-4; 300
+calibration images from the training split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from segcore.errors import SegcoreError
+from segcore.export import check_new_output, ir_size, read_ir, read_meta, set_model_info, to_openvino, write_ir
+
+log = logging.getLogger(__name__)
+
+# Node names in the converted graph carry the torch module path, e.g.
+# "__module.model.backbone.stage0.1.layers.0.spatial_weighting.1/aten::mul/Multiply".
+WEIGHTING_MULTIPLY = r".*(cross_resolution_weighting|spatial_weighting)[^/]*/aten::mul/.*"
+AGGREGATOR_ADD = r".*aggregator/aten::add/.*"
+
+
+def _quiet_nncf() -> None:
+    """NNCF logs every node it leaves out at INFO; keep that for --verbose."""
+    import nncf
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        nncf.set_log_level(logging.WARNING)
+
+
+def _preset(name: str):
+    import nncf
+
+    presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
+    if name not in presets:
+        raise SegcoreError(f"unknown preset {name!r} (choose {', '.join(presets)})")
+    return presets[name]
+
+
+def _advanced():
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)
+
+
+def count_ops(ov_model, *types: str) -> dict[str, int]:
+    counts = dict.fromkeys(types, 0)
+    for node in ov_model.get_ops():
+        name = node.get_type_name()
+        if name in counts:
+            counts[name] += 1
+    return counts
+
+
+def _items(dataset_root: Path, split: str) -> list[tuple[Path, Path]]:
+    from segcore.data.convert import load_manifest
+
+    items = load_manifest(dataset_root)["items"].get(split, [])
+    if not items:
+        raise SegcoreError(f"split '{split}' is empty", dataset_root)
+    return [(dataset_root / it["image"], dataset_root / it["mask"]) for it in items]
+
+
+def calibration_sample(items: list, size: int, seed: int = 0) -> list:
+    """``size`` items drawn without replacement (all of them when there are fewer)."""
+    if len(items) <= size:
+        return list(items)
+    picked = np.random.default_rng(seed).choice(len(items), size, replace=False)
+    return [items[i] for i in sorted(picked)]
+
+
+def dice_of(predict, items: list[tuple[Path, Path]], labels: list[str], ignore_index: int) -> float:
+    """Mean Dice of ``predict(image) -> mask`` over (image, mask) file pairs."""
+    from segcore.data.dataset import read_mask, read_rgb
+    from segcore.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(len(labels), ignore_index)
+    for image, mask in items:
+        cm.update(predict(read_rgb(image)), read_mask(mask))
+    return cm.scores(labels)["mdice"]
+
+
+def quantize_ir(
+    ov_model,
+    meta: dict,
+    dataset_root: Path,
+    subset_size: int = 300,
+    preset: str = "mixed",
+    max_dice_drop: float | None = None,
+    seed: int = 0,
+):
+    """Post-training quantization of a segcore IR; with ``max_dice_drop``, accuracy-controlled."""
+    import nncf
+
+    from segcore.data.dataset import read_rgb
+
+    calibration = nncf.Dataset(
+        calibration_sample(_items(dataset_root, "train"), subset_size, seed), lambda item: read_rgb(item[0])[None]
+    )
+    options = dict(
+        preset=_preset(preset),
+        subset_size=subset_size,
+        ignored_scope=nncf.IgnoredScope(patterns=[WEIGHTING_MULTIPLY, AGGREGATOR_ADD]),
+        advanced_parameters=_advanced(),
+    )
+    if max_dice_drop is None:
+        return nncf.quantize(ov_model, calibration, **options)
+
+    labels, ignore = meta["labels"], meta["ignore_index"]
+    output_index = 0
+
+    def validate(compiled, items):
+        def predict(image):
+            return compiled(image[None])[output_index][0].argmax(0)
+
+        items = list(items)
+        return dice_of(predict, items, labels, ignore), None
+
+    validation = nncf.Dataset(_items(dataset_root, "val"), lambda item: read_rgb(item[0])[None])
+    options["advanced_quantization_parameters"] = options.pop("advanced_parameters")
+    return nncf.quantize_with_accuracy_control(
+        ov_model,
+        calibration,
+        validation,
+        validation_fn=validate,
+        max_drop=max_dice_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        **options,
+    )
+
+
+def quantization_aware_training(
+    bundle: str | Path,
+    dataset_root: Path,
+    work_dir: Path,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int | None = None,
+    subset_size: int = 300,
+    preset: str = "mixed",
+    num_workers: int = 2,
+    progress: bool = False,
+):
+    """Insert NNCF fake-quantizers into a trained segmenter, fine-tune it with the training recipe
+    at a low learning rate, and return (quantized torch model with the best weights, its metadata)."""
+    import nncf
+    import torch
+
+    from segcore.data.dataset import EvalDataset
+    from segcore.inference import TorchPredictor
+    from segcore.training import BEST, TrainConfig, train
+
+    predictor = TorchPredictor(bundle)
+    meta = dict(predictor.meta)
+    config = TrainConfig(**{**meta["training_config"], "input_size": tuple(meta["input_size"])})
+    config = replace(
+        config,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size or config.batch_size,
+        num_workers=num_workers,
+        time_budget_min=None,
+        early_stop_start_epoch=1,
+    )
+    calibration_set = EvalDataset(dataset_root, "train", config.input_size)
+    indices = calibration_sample(list(range(len(calibration_set))), subset_size)
+    calibration = nncf.Dataset(indices, lambda i: torch.as_tensor(calibration_set[i][0])[None])
+    log.info("QAT: calibrating fake-quantizers on %d training images", len(indices))
+    model = nncf.quantize(
+        predictor.model,
+        calibration,
+        preset=_preset(preset),
+        subset_size=len(indices),
+        ignored_scope=nncf.IgnoredScope(patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]),
+        advanced_parameters=_advanced(),
+    )
+    log.info("QAT: fine-tuning %d epochs at lr %g", config.epochs, config.lr)
+    result = train(config, dataset_root, work_dir, initial_model=model, progress=progress)
+    best = torch.load(work_dir / BEST, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    model.eval()
+    meta["qat"] = {
+        "epochs": result["epochs_run"],
+        "lr": lr,
+        "best_epoch": result["best_epoch"],
+        "best_val_mdice_torch": result["best_val_mdice"],
+        "calibration_images": len(indices),
+    }
+    return model, meta
+
+
+def optimize(
+    model_path: str | Path,
+    template: str,
+    dataset_root: str | Path,
+    output: str | Path,
+    mode: str | None = None,
+    max_dice_drop: float | None = None,
+    subset_size: int = 300,
+    preset: str = "mixed",
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    num_workers: int = 2,
+    progress: bool = False,
+) -> dict:
+    """Quantize MODEL (an IR: PTQ; a bundle: QAT, or PTQ of its FP32 export) -> OUTPUT/model.xml + report.json."""
+    from segcore.inference import OpenVINOPredictor, TorchPredictor, is_ir
+    from segcore.models import get_template
+    from segcore.training import BUNDLE_META
+
+    started = time.perf_counter()
+    _quiet_nncf()
+    template = get_template(template)
+    model_path, output, dataset_root = Path(model_path), Path(output), Path(dataset_root)
+    source_is_ir = is_ir(model_path) and not (model_path / BUNDLE_META).is_file()
+    mode = mode or ("ptq" if source_is_ir else "qat")
+    if mode not in ("ptq", "qat"):
+        raise SegcoreError(f"unknown mode {mode!r} (choose ptq or qat)")
+    if mode == "qat" and source_is_ir:
+        raise SegcoreError(
+            "quantization-aware training needs a PyTorch bundle (training output), not an IR", model_path
+        )
+    if max_dice_drop is not None and mode == "qat":
+        raise SegcoreError("--max-dice-drop applies to --mode ptq (QAT fine-tunes instead)")
+    check_new_output(output)
+
+    with tempfile.TemporaryDirectory(prefix="segcore-optimize-") as tmp:
+        tmp = Path(tmp)
+        if source_is_ir:
+            fp32_model, xml = read_ir(model_path)
+            meta = read_meta(fp32_model, xml)
+        else:
+            source = TorchPredictor(model_path)
+            meta = dict(source.meta)
+            if input_size:
+                meta["input_size"] = list(input_size)
+            fp32_model = to_openvino(source.model, meta)
+            xml = write_ir(fp32_model, tmp / "fp32")
+        if meta["template"] != template.id:
+            raise SegcoreError(f"is a {meta['template']} model, not {template.id}", model_path)
+
+        from segcore.data.convert import load_manifest
+
+        manifest = load_manifest(dataset_root)
+        if manifest["labels"] != meta["labels"]:
+            raise SegcoreError(f"labels {manifest['labels']} differ from the model's {meta['labels']}", dataset_root)
+        val_items = _items(dataset_root, "val")
+        dice_before = dice_of(OpenVINOPredictor(xml).predict, val_items, meta["labels"], meta["ignore_index"])
+        log.info("FP32 IR: val mean Dice %.4f", dice_before)
+
+        if mode == "ptq":
+            log.info(
+                "PTQ: %d calibration images, preset %s", min(subset_size, len(_items(dataset_root, "train"))), preset
+            )
+            int8_model = quantize_ir(fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop)
+            meta["ptq"] = {"calibration_images": subset_size, "preset": preset, "max_dice_drop": max_dice_drop}
+        else:
+            qat_model, meta = quantization_aware_training(
+                model_path,
+                dataset_root,
+                tmp / "qat",
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                subset_size=subset_size,
+                preset=preset,
+                num_workers=num_workers,
+                progress=progress,
+            )
+            if input_size:
+                meta["input_size"] = list(input_size)
+            int8_model = to_openvino(qat_model, meta)
+        meta["precision"] = "INT8"
+        meta["quantization"] = mode
+        set_model_info(int8_model, meta)
+        int8_xml = write_ir(int8_model, tmp / "int8")
+        ops = count_ops(int8_model, "FakeQuantize")
+        dice_after = dice_of(OpenVINOPredictor(int8_xml).predict, val_items, meta["labels"], meta["ignore_index"])
+        log.info("INT8 IR: val mean Dice %.4f (FP32 %.4f)", dice_after, dice_before)
+        report = {
+            "mode": mode,
+            "template": template.id,
+            "source": str(model_path),
+            "preset": preset,
+            "calibration_images": min(subset_size, len(_items(dataset_root, "train"))),
+            "max_dice_drop": max_dice_drop,
+            "val_images": len(val_items),
+            "val_mdice_fp32": dice_before,
+            "val_mdice_int8": dice_after,
+            "dice_drop": dice_before - dice_after,
+            "fp32_ir_bytes": ir_size(xml),
+            "int8_ir_bytes": ir_size(int8_xml),
+            "fake_quantize_ops": ops["FakeQuantize"],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if mode == "qat":
+            report["qat"] = meta["qat"]
+        (int8_xml.parent / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.exists():
+            output.rmdir()
+        staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+        shutil.copytree(int8_xml.parent, staging)
+        staging.rename(output)
+    report["ir"] = str(output / "model.xml")
+    return report

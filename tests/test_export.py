@@ -1,0 +1,249 @@
+"""OpenVINO export, IR inference, the OpenVINO Model API, and NNCF PTQ/QAT on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from segcore.cli import main
+from segcore.data.dataset import read_mask, read_rgb
+from segcore.data.synthetic import generate
+from segcore.data.transforms import MEAN, STD
+from segcore.export import IR_NAME, META_KEY
+from segcore.inference import OpenVINOPredictor, TorchPredictor
+from segcore.models import TEMPLATES, create_model
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0"]
+
+
+def _write_bundle(folder: Path, template, labels: list[str], input_size=(64, 64), seed: int = 0) -> Path:
+    """A bundle of an untrained (randomly initialised, BN statistics randomised) model."""
+    torch.manual_seed(seed)
+    model = create_model(template, len(labels)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "epoch": 1, "mdice": 0.0}, folder / "best.pt")
+    meta = {
+        "template": template.id,
+        "template_name": template.name,
+        "labels": labels,
+        "colors": [[i * 40, 255 - i * 40, 128] for i in range(len(labels))],
+        "ignore_index": 255,
+        "input_size": list(input_size),
+        "mean": list(MEAN),
+        "std": list(STD),
+        "weights": "best.pt",
+    }
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float((a == b).mean())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[np.ndarray]:
+    gen = generate(tmp_path_factory.mktemp("img") / "raw", "plain", num_train=4, num_val=2, size=(72, 96), seed=5)
+    return [read_rgb(p) for p in sorted((gen.root / "images" / "train").iterdir())]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=[t.name for t in TEMPLATES])
+def test_every_template_exports_and_the_ir_predicts_like_pytorch(template, tmp_path, images):
+    bundle = _write_bundle(tmp_path / "bundle", template, ["a", "b", "c", "d", "e"])
+    assert main(["export", str(bundle), "--output", str(tmp_path / "ir")]) == 0
+    xml = tmp_path / "ir" / IR_NAME
+    model = ov.Core().read_model(xml)
+    shape = model.inputs[0].get_partial_shape()
+    assert shape[1].is_dynamic and shape[2].is_dynamic and shape[3].get_length() == 3
+    assert model.get_rt_info(["model_info", "model_type"]).astype(str) == "Segmentation"
+    assert model.get_rt_info(["model_info", "labels"]).astype(str) == "a b c d e"
+
+    torch_p, ov_p = TorchPredictor(bundle), OpenVINOPredictor(xml, config=F32)
+    assert ov_p.inference_precision == "f32"
+    for image in images:  # 72x96 images through a 64x64 network: the in-graph resizes are exercised
+        ours, theirs = torch_p.predict(image), ov_p.predict(image)
+        assert _agreement(ours, theirs) >= 0.995
+    probs = ov_p.probabilities(images[0])
+    assert probs.shape == (5, 72, 96) and np.allclose(probs.sum(0), 1, atol=1e-4)
+
+
+def test_fp16_export_is_smaller_and_still_agrees(tmp_path, images):
+    template = TEMPLATES[0]
+    bundle = _write_bundle(tmp_path / "bundle", template, ["a", "b", "c"])
+    assert main(["export", str(bundle), "--output", str(tmp_path / "fp32")]) == 0
+    assert main(["export", str(bundle), "--output", str(tmp_path / "fp16"), "--precision", "FP16"]) == 0
+    size = {p: (tmp_path / p / "model.bin").stat().st_size for p in ("fp32", "fp16")}
+    assert size["fp16"] < 0.6 * size["fp32"]
+    a = OpenVINOPredictor(tmp_path / "fp32", config=F32).predict(images[1])
+    b = OpenVINOPredictor(tmp_path / "fp16", config=F32).predict(images[1])
+    assert _agreement(a, b) >= 0.99
+
+
+# ------------------------------------------------------------ a tiny trained model, end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Lite-HRNet-s-mod2 trained for 2 epochs on tiny data, its dataset and its FP32 IR."""
+    root = tmp_path_factory.mktemp("trained")
+    gen = generate(root / "raw", "plain", num_train=12, num_val=4, size=(40, 48), seed=1)
+    run = root / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(run),
+                 "--epochs", "2", *TINY]) == 0  # fmt: skip
+    assert main(["export", str(run), "--output", str(root / "ir")]) == 0
+    return {"gen": gen, "run": run, "dataset": run / "dataset", "ir": root / "ir" / IR_NAME, "root": root}
+
+
+def test_model_api_opens_the_ir_and_its_masks_equal_segcore_predict(trained, tmp_path):
+    from model_api.models import Model, SegmentationModel
+
+    pred = tmp_path / "pred"
+    val_images = trained["gen"].root / "images" / "val"
+    assert main(["predict", str(trained["ir"]), "--input", str(val_images), "--output", str(pred)]) == 0
+    model = Model.create_model(str(trained["ir"]))
+    assert isinstance(model, SegmentationModel)
+    assert list(model.params.labels) == [n.replace(" ", "_") for n in trained["gen"].labels]
+    files = sorted(val_images.iterdir())
+    assert len(files) == 4
+    for path in files:
+        result = model(read_rgb(path))
+        ours = read_mask(pred / f"{path.stem}.png")
+        assert result.resultImage.shape == ours.shape
+        assert _agreement(result.resultImage.astype(np.uint8), ours) >= 0.99
+
+
+def test_eval_and_predict_accept_an_ir(trained, tmp_path, capsys):
+    assert main(["eval", str(trained["run"]), "--test-data-root", str(trained["dataset"]), "--json"]) == 0
+    torch_scores = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(trained["ir"]), "--test-data-root", str(trained["dataset"]), "--json"]) == 0
+    ir_scores = json.loads(capsys.readouterr().out)
+    assert ir_scores["num_images"] == 4
+    assert ir_scores["mdice"] == pytest.approx(torch_scores["mdice"], abs=0.02)
+    # the IR's folder works as well as its .xml, and predict writes masks at the image size
+    assert main(["predict", str(trained["ir"].parent), "--input", str(trained["gen"].root / "images" / "val"),
+                 "--output", str(tmp_path / "m"), "--overlay"]) == 0  # fmt: skip
+    masks = sorted((tmp_path / "m").glob("val_*[0-9].png"))
+    assert len(masks) == 4 and read_mask(masks[0]).shape == (40, 48)
+
+
+def _assert_int8(out: Path, mode: str) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == mode and report["fake_quantize_ops"] > 0
+    model = ov.Core().read_model(out / IR_NAME)
+    types = {node.get_type_name() for node in model.get_ops()}
+    assert "FakeQuantize" in types
+    meta = json.loads(model.get_rt_info(["model_info", META_KEY]).astype(str))
+    assert meta["precision"] == "INT8" and meta["quantization"] == mode
+    assert report["int8_ir_bytes"] < report["fp32_ir_bytes"]
+    assert 0 <= report["val_mdice_int8"] <= 1
+    return report
+
+
+def test_ptq_of_an_ir_end_to_end(trained, capsys):
+    out = trained["root"] / "ptq"
+    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["ir"]), "--train-data-root",
+                 str(trained["dataset"]), "--output", str(out), "--json"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    report = _assert_int8(out, "ptq")
+    assert printed["val_mdice_int8"] == report["val_mdice_int8"]
+    # the INT8 IR evaluates like any other and scores what the report says
+    assert main(["eval", str(out), "--test-data-root", str(trained["dataset"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(report["val_mdice_int8"], abs=1e-6)
+
+
+def test_ptq_with_accuracy_control(trained):
+    out = trained["root"] / "ptq-ac"
+    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["ir"]), "--train-data-root",
+                 str(trained["dataset"]), "--output", str(out), "--max-dice-drop", "0.01"]) == 0  # fmt: skip
+    report = _assert_int8(out, "ptq")
+    assert report["max_dice_drop"] == 0.01
+
+
+def test_qat_of_a_bundle_end_to_end(trained, capsys):
+    out = trained["root"] / "qat"
+    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["run"]), "--train-data-root",
+                 str(trained["dataset"]), "--output", str(out), "--epochs", "1", "--num-workers", "0",
+                 "--subset-size", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    report = _assert_int8(out, "qat")
+    assert report["qat"]["epochs"] == 1
+    assert main(["eval", str(out / IR_NAME), "--test-data-root", str(trained["dataset"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(report["val_mdice_int8"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _one_error_line(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_ir_missing_its_bin(trained, tmp_path, capsys):
+    xml = tmp_path / "lonely.xml"
+    xml.write_bytes(trained["ir"].read_bytes())
+    assert main(["eval", str(xml), "--test-data-root", str(trained["dataset"])]) == 2
+    _one_error_line(capsys, "lonely.xml", "lonely.bin", "missing")
+    assert main(["predict", str(xml), "--input", str(trained["gen"].root / "images" / "val"),
+                 "--output", str(tmp_path / "p")]) == 2  # fmt: skip
+    _one_error_line(capsys, "lonely.bin")
+    assert not (tmp_path / "p").exists()
+
+
+def test_ir_that_is_not_a_segcore_model(trained, tmp_path, capsys):
+    import openvino.opset13 as ops
+
+    param = ops.parameter([1, 3, 8, 8], np.float32, name="x")
+    foreign = ov.Model([ops.relu(param)], [param], "foreign")
+    foreign.set_rt_info("Classification", ["model_info", "model_type"])
+    ov.save_model(foreign, tmp_path / "foreign.xml")
+    assert main(["eval", str(tmp_path / "foreign.xml"), "--test-data-root", str(trained["dataset"])]) == 2
+    _one_error_line(capsys, "foreign.xml", "not a segcore segmentation IR", "Classification")
+    (tmp_path / "garbage.xml").write_text("<net>")
+    (tmp_path / "garbage.bin").write_bytes(b"")
+    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(tmp_path / "garbage.xml"),
+                 "--train-data-root", str(trained["dataset"]), "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    _one_error_line(capsys, "garbage.xml", "cannot read")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_of_another_template(trained, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["optimize", "Lite-HRNet-18", "--load-weights", str(trained["ir"]), "--train-data-root",
+                 str(trained["dataset"]), "--output", str(out)]) == 2  # fmt: skip
+    _one_error_line(capsys, "Lite-HRNet-s-mod2", "not Custom_Semantic_Segmentation_Lite-HRNet-18_OCR")
+    assert not out.exists()
+    # a bundle whose weights belong to another template than its model.json says
+    bundle = tmp_path / "mixed"
+    bundle.mkdir()
+    (bundle / "best.pt").write_bytes((trained["run"] / "best.pt").read_bytes())
+    meta = json.loads((trained["run"] / "model.json").read_text())
+    meta["template"] = "Custom_Semantic_Segmentation_Lite-HRNet-18_OCR"
+    (bundle / "model.json").write_text(json.dumps(meta))
+    assert main(["export", str(bundle), "--output", str(tmp_path / "ir")]) == 2
+    _one_error_line(capsys, "best.pt", "do not fit")
+    assert not (tmp_path / "ir").exists()
+
+
+def test_export_refuses_a_non_empty_output_and_optimize_checks_the_mode(trained, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["export", str(trained["run"]), "--output", str(tmp_path / "full")]) == 2
+    _one_error_line(capsys, "not empty")
+    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["ir"]), "--mode", "qat",
+                 "--train-data-root", str(trained["dataset"]), "--output", str(tmp_path / "q")]) == 2  # fmt: skip
+    _one_error_line(capsys, "needs a PyTorch bundle")
