@@ -3,8 +3,12 @@
 Both follow OTX's settings for Lite-HRNet: the mixed preset (symmetric weights, asymmetric
 activations), the multiplications inside cross-resolution and spatial weighting left in floating
 point (they scale features by sigmoid gates, which INT8 hurts), and for PTQ also the iterative
-aggregator's additions; activation ranges from mean quantiles with outlier probability 1e-4; 300
-calibration images from the training split.
+aggregator's additions; 300 calibration images from the training split.
+
+Activation ranges: NNCF's default min/max by default. OTX's mean-quantile estimator (outlier
+probability 1e-4) is ``range_estimator="quantile"``; NNCF computes quantiles outside the graph, so
+every calibration image copies all activations out of OpenVINO, and 300 images at 512x512 took over
+half an hour on 2 cores (min/max reduces inside the graph).
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from segcore.errors import SegcoreError
-from segcore.export import check_new_output, ir_size, read_ir, read_meta, set_model_info, to_openvino, write_ir
+from segcore.export import (
+    check_new_output,
+    ir_size,
+    measure_latency,
+    read_ir,
+    read_meta,
+    set_model_info,
+    to_openvino,
+    write_ir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +61,17 @@ def _preset(name: str):
     return presets[name]
 
 
-def _advanced():
+RANGE_ESTIMATORS = ("minmax", "quantile")
+
+
+def _advanced(range_estimator: str):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    if range_estimator not in RANGE_ESTIMATORS:
+        raise SegcoreError(f"unknown range estimator {range_estimator!r} (choose {', '.join(RANGE_ESTIMATORS)})")
+    if range_estimator == "minmax":
+        return AdvancedQuantizationParameters()
     return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)
 
 
@@ -100,6 +120,7 @@ def quantize_ir(
     preset: str = "mixed",
     max_dice_drop: float | None = None,
     seed: int = 0,
+    range_estimator: str = "minmax",
 ):
     """Post-training quantization of a segcore IR; with ``max_dice_drop``, accuracy-controlled."""
     import nncf
@@ -113,7 +134,7 @@ def quantize_ir(
         preset=_preset(preset),
         subset_size=subset_size,
         ignored_scope=nncf.IgnoredScope(patterns=[WEIGHTING_MULTIPLY, AGGREGATOR_ADD]),
-        advanced_parameters=_advanced(),
+        advanced_parameters=_advanced(range_estimator),
     )
     if max_dice_drop is None:
         return nncf.quantize(ov_model, calibration, **options)
@@ -152,6 +173,7 @@ def quantization_aware_training(
     preset: str = "mixed",
     num_workers: int = 2,
     progress: bool = False,
+    range_estimator: str = "minmax",
 ):
     """Insert NNCF fake-quantizers into a trained segmenter, fine-tune it with the training recipe
     at a low learning rate, and return (quantized torch model with the best weights, its metadata)."""
@@ -184,7 +206,7 @@ def quantization_aware_training(
         preset=_preset(preset),
         subset_size=len(indices),
         ignored_scope=nncf.IgnoredScope(patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]),
-        advanced_parameters=_advanced(),
+        advanced_parameters=_advanced(range_estimator),
     )
     log.info("QAT: fine-tuning %d epochs at lr %g", config.epochs, config.lr)
     result = train(config, dataset_root, work_dir, initial_model=model, progress=progress)
@@ -216,6 +238,7 @@ def optimize(
     input_size: tuple[int, int] | None = None,
     num_workers: int = 2,
     progress: bool = False,
+    range_estimator: str = "minmax",
 ) -> dict:
     """Quantize MODEL (an IR: PTQ; a bundle: QAT, or PTQ of its FP32 export) -> OUTPUT/model.xml + report.json."""
     from segcore.inference import OpenVINOPredictor, TorchPredictor, is_ir
@@ -266,7 +289,9 @@ def optimize(
             log.info(
                 "PTQ: %d calibration images, preset %s", min(subset_size, len(_items(dataset_root, "train"))), preset
             )
-            int8_model = quantize_ir(fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop)
+            int8_model = quantize_ir(
+                fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop, range_estimator=range_estimator
+            )
             meta["ptq"] = {"calibration_images": subset_size, "preset": preset, "max_dice_drop": max_dice_drop}
         else:
             qat_model, meta = quantization_aware_training(
@@ -280,6 +305,7 @@ def optimize(
                 preset=preset,
                 num_workers=num_workers,
                 progress=progress,
+                range_estimator=range_estimator,
             )
             if input_size:
                 meta["input_size"] = list(input_size)
@@ -295,7 +321,9 @@ def optimize(
             "mode": mode,
             "template": template.id,
             "source": str(model_path),
+            "input_size": list(meta["input_size"]),
             "preset": preset,
+            "range_estimator": range_estimator,
             "calibration_images": min(subset_size, len(_items(dataset_root, "train"))),
             "max_dice_drop": max_dice_drop,
             "val_images": len(val_items),
@@ -305,6 +333,8 @@ def optimize(
             "fp32_ir_bytes": ir_size(xml),
             "int8_ir_bytes": ir_size(int8_xml),
             "fake_quantize_ops": ops["FakeQuantize"],
+            "latency_ms_fp32": measure_latency(xml, meta["input_size"]),
+            "latency_ms_int8": measure_latency(int8_xml, meta["input_size"]),
             "seconds": round(time.perf_counter() - started, 1),
         }
         if mode == "qat":

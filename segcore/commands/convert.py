@@ -16,8 +16,12 @@ layouts:
   cityscapes, voc, common_semantic_segmentation, camvid (detected automatically).
   A dataset_meta.json beside the data gives label names, colours and ignore_index.
 
+Any path may be s3://bucket/prefix (endpoint: --s3-endpoint or AWS_ENDPOINT_URL; credentials from
+the environment or AWS config).
+
 examples:
   segcore convert --train-data-root data/camvid --output data/camvid-seg
+  segcore convert --train-data-root s3://raw/camvid --output s3://datasets/camvid-seg
   segcore convert --train-data-root imgs/ --train-ann-files masks/ --output out/ --val-ratio 0.1
 """
 
@@ -55,7 +59,24 @@ def data_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+DATA_PATHS = ("train_data_root", "val_data_root", "train_ann_files", "val_ann_files")
+
+
+def localize_data(args: argparse.Namespace, names=DATA_PATHS) -> argparse.Namespace:
+    """A copy of ``args`` whose s3:// data paths point at local copies (downloaded into the cache)."""
+    from segcore.storage import local_input
+
+    local = argparse.Namespace(**vars(args))
+    for name in names:
+        value = getattr(args, name, None)
+        if value:
+            setattr(local, name, str(local_input(value)))
+    return local
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.storage import add_storage_arguments
+
     p = sub.add_parser(
         "convert",
         help="check a dataset and write segcore's canonical dataset",
@@ -65,29 +86,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_data_arguments(p)
-    p.add_argument("--output", required=True, metavar="DIR", help="new folder for the canonical dataset")
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="new folder (or s3://bucket/prefix) for the canonical dataset"
+    )
     p.add_argument(
         "--skip-invalid", action="store_true", help="drop bad items (listed in OUTPUT/report.json) instead of stopping"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (after success)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: 2 x CPUs, max 8)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    add_storage_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcore import storage
     from segcore.cli import quiet
     from segcore.data.convert import convert
 
-    manifest = convert(
-        args.train_data_root,
-        args.output,
-        **data_kwargs(args),
-        skip_invalid=args.skip_invalid,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        progress=not quiet() and sys.stderr.isatty(),
-    )
+    storage.configure_from_args(args)
+    with storage.local_output(args.output, overwrite=args.overwrite) as output:
+        local = localize_data(args)
+        manifest = convert(
+            local.train_data_root,
+            output,
+            **data_kwargs(local),
+            skip_invalid=args.skip_invalid,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            progress=not quiet() and sys.stderr.isatty(),
+        )
+    manifest["output"] = storage.display(args.output, manifest["output"])
     summary = {
         "format": manifest["format"],
         "labels": manifest["labels"],

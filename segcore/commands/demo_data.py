@@ -24,6 +24,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from segcore.data.synthetic import LAYOUTS
+    from segcore.storage import add_storage_arguments
 
     p = sub.add_parser(
         "demo-data",
@@ -31,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate images with coloured shapes and exact masks, in one of the layouts "
         "segcore reads, so every command can be tried without downloading data.",
     )
-    p.add_argument("--output", required=True, metavar="DIR", help="folder to write (must not exist)")
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="folder (or s3://bucket/prefix) to write; must not exist"
+    )
     p.add_argument("--layout", default="plain", choices=LAYOUTS, help="dataset layout (default plain)")
     p.add_argument("--num-train", type=int, default=32, help="training items (default 32)")
     p.add_argument("--num-val", type=int, default=8, help="validation items (default 8)")
@@ -39,19 +42,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_storage_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from segcore import storage
+
+    if args.classes < 2 or args.num_train < 1 or args.num_val < 0:
+        raise SegcoreError("need --classes >= 2, --num-train >= 1 and --num-val >= 0")
+    storage.configure_from_args(args)
+    with storage.local_output(args.output, overwrite=args.overwrite) as out:
+        flags = _write(args, out).replace(str(out), args.output)
+    print(f"wrote {args.layout} demo dataset ({args.num_train} train / {args.num_val} val) to {args.output}")
+    print(f"next: segcore convert {flags} --output DIR")
+    return 0
+
+
+def _write(args: argparse.Namespace, out: Path) -> str:
+    """Generate into ``out`` (via a temporary folder renamed when complete); the convert flags."""
     from segcore.data.synthetic import generate
 
-    out = Path(args.output)
     if out.exists():
         if not args.overwrite:
             raise SegcoreError("output already exists; give a new folder or --overwrite", out)
         shutil.rmtree(out)
-    if args.classes < 2 or args.num_train < 1 or args.num_val < 0:
-        raise SegcoreError("need --classes >= 2, --num-train >= 1 and --num-val >= 0")
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -68,7 +83,4 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    flags = " ".join(gen.cli_args()).replace(str(tmp), str(out))
-    print(f"wrote {args.layout} demo dataset ({args.num_train} train / {args.num_val} val) to {out}")
-    print(f"next: segcore convert {flags} --output DIR")
-    return 0
+    return " ".join(gen.cli_args()).replace(str(tmp), str(out))

@@ -8,10 +8,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from segcore.commands.convert import localize_data
 from segcore.errors import SegcoreError
+from segcore.tracking import redact
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.storage import add_storage_arguments
+    from segcore.tracking import add_tracking_arguments
+
     p = sub.add_parser(
         "eval",
         help="score a model on labelled data (Dice and IoU, mean and per class)",
@@ -26,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", help="dataset format (default: detect)")
     p.add_argument("--split", default="val", help="split of a canonical dataset to score (default val)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_tracking_arguments(p)
+    add_storage_arguments(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser(
@@ -37,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image or a folder of images")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write colour overlays (<stem>_overlay.png)")
+    add_storage_arguments(p)
     p.set_defaults(func=run_predict)
 
 
@@ -56,12 +64,18 @@ def _canonical(args, workdir: Path, predictor) -> tuple[Path, str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from segcore import storage
     from segcore.cli import quiet
     from segcore.data.convert import load_manifest
     from segcore.inference import load_predictor, score
+    from segcore.tracking import check_tracking, log_segmentation_report, tracking_run
 
-    predictor = load_predictor(args.model)
+    storage.configure_from_args(args)
+    check_tracking(args)
+    model = storage.local_model(args.model)
+    predictor = load_predictor(model)
     with tempfile.TemporaryDirectory(prefix="segcore-eval-") as tmp:
+        args = localize_data(args, ("test_data_root", "test_ann_files"))
         root, split = _canonical(args, Path(tmp), predictor)
         manifest = load_manifest(root)
         if manifest["labels"] != predictor.labels:
@@ -69,6 +83,18 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"labels {manifest['labels']} differ from the model's {predictor.labels}", args.test_data_root
             )
         scores = score(predictor, root, split, progress=not quiet() and sys.stderr.isatty())
+        family = model.parent if model.suffix.lower() == ".xml" else model
+        with tracking_run(args, "eval", run_name=f"eval {family.name}", bundle=family) as tracker:
+            tracker.log_params({"model": redact(args.model), "test_data": redact(args.test_data_root), "split": split})
+            tracker.log_metrics(
+                {
+                    "test_dice": scores["mdice"],
+                    "test_miou": scores["miou"],
+                    "test_images": scores["num_images"],
+                    **{f"test_dice/{k}": v["dice"] for k, v in scores["per_class"].items()},
+                }
+            )
+            log_segmentation_report(tracker, predictor, root, split, scores=scores, prefix="test")
     result = {k: scores[k] for k in ("mdice", "miou", "per_class", "num_images")}
     if args.json:
         print(json.dumps(result))
@@ -84,12 +110,14 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import cv2
 
+    from segcore import storage
     from segcore.data.dataset import read_rgb
     from segcore.data.sources import IMAGE_EXTENSIONS
     from segcore.inference import load_predictor, overlay
 
-    predictor = load_predictor(args.model)
-    source = Path(args.input)
+    storage.configure_from_args(args)
+    predictor = load_predictor(storage.local_model(args.model))
+    source = storage.local_input(args.input)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     elif source.is_file():
@@ -98,16 +126,16 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SegcoreError("does not exist", source)
     if not files:
         raise SegcoreError("no images found", source)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        image = read_rgb(path)
-        mask = predictor.predict(image)
-        _write_png(out / f"{path.stem}.png", mask)
-        if args.overlay:
-            blend = overlay(image, mask, predictor.meta["colors"])
-            _write_png(out / f"{path.stem}_overlay.png", cv2.cvtColor(blend, cv2.COLOR_RGB2BGR))
-    print(f"wrote {len(files)} masks to {out}")
+    with storage.local_output(args.output, exist_ok=True) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            image = read_rgb(path)
+            mask = predictor.predict(image)
+            _write_png(out / f"{path.stem}.png", mask)
+            if args.overlay:
+                blend = overlay(image, mask, predictor.meta["colors"])
+                _write_png(out / f"{path.stem}_overlay.png", cv2.cvtColor(blend, cv2.COLOR_RGB2BGR))
+    print(f"wrote {len(files)} masks to {storage.display(args.output, out)}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from segcore.commands.demo_data import parse_size
 
@@ -19,6 +20,9 @@ example:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.storage import add_storage_arguments
+    from segcore.tracking import add_tracking_arguments
+
     p = sub.add_parser(
         "export",
         help="export a trained model to OpenVINO IR (FP32 or FP16)",
@@ -26,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="model bundle folder (the training --output)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new folder for the IR")
+    p.add_argument("model", help="model bundle folder (the training --output), local or s3://")
+    p.add_argument("--output", required=True, metavar="DIR", help="new folder (or s3://bucket/prefix) for the IR")
     p.add_argument("--precision", default="FP32", choices=("FP32", "FP16"), help="weight precision (default FP32)")
     p.add_argument(
         "--input-size",
@@ -36,18 +40,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="network input size inside the IR (default: the size the model was trained at)",
     )
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    add_tracking_arguments(p)
+    add_storage_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from segcore.export import export_bundle
+    from segcore import storage
+    from segcore.export import IR_NAME, check_new_output, export_bundle, measure_latency
+    from segcore.tracking import check_tracking, redact, tracking_run
 
-    report = export_bundle(args.model, args.output, args.precision, args.input_size)
+    storage.configure_from_args(args)
+    if not storage.is_s3(args.output):
+        check_new_output(Path(args.output))
+    check_tracking(args)
+    bundle = storage.local_model(args.model)
+    with (
+        storage.local_output(args.output) as output,
+        tracking_run(args, "export", run_name=f"export {args.precision}", bundle=bundle) as tracker,
+    ):
+        report = export_bundle(bundle, output, args.precision, args.input_size)
+        report["source"] = args.model
+        report["latency_ms"] = measure_latency(report["ir"], report["input_size"])
+        tracker.log_params(
+            {
+                "model": redact(args.model),
+                "precision": args.precision,
+                "input_size": "x".join(map(str, report["input_size"])),
+            }
+        )
+        tracker.log_metrics({"ir_mb": report["ir_bytes"] / 1e6, "latency_ms": report["latency_ms"]})
+        tracker.log_artifact(output / "export.json")
+        tracker.write_run_file(output)
+        if storage.is_s3(args.output):
+            report["ir"] = f"{args.output.rstrip('/')}/{IR_NAME}"
     if args.json:
         print(json.dumps(report))
     else:
         print(
             f"{report['template']} -> {report['ir']} ({report['precision']}, network input "
-            f"{report['input_size'][0]}x{report['input_size'][1]}, {report['ir_bytes'] / 1e6:.2f} MB)"
+            f"{report['input_size'][0]}x{report['input_size'][1]}, {report['ir_bytes'] / 1e6:.2f} MB, "
+            f"{report['latency_ms']:.1f} ms per image here)"
         )
     return 0
