@@ -15,7 +15,7 @@ import sys
 from segcore import __version__
 from segcore.errors import SegcoreError
 
-COMMANDS = ("convert", "demo_data", "templates", "train", "evaluate", "export", "optimize")
+COMMANDS = ("convert", "demo_data", "templates", "train", "evaluate", "export", "optimize", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,247 @@
+"""The segcore Kubeflow pipeline: one DAG for a cluster and for a dry run on a laptop.
+
+    convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8)
+
+- convert: raw data -> Dataset; starts the MLflow parent run (its id goes to every other step)
+- train: Dataset -> Model (bundle) + Metrics; retried, and a retry resumes from the checkpoints
+  kept under ``checkpoint_uri`` (S3); optional GPU (``train_accelerator``, off by default)
+- validate (FP32): bundle + Dataset -> Metrics, ClassificationMetrics, HTML; ``min_dice`` gates export
+- export: bundle -> FP32 IR (Model)
+- quantize: FP32 IR (PTQ) or bundle (QAT) + Dataset -> INT8 IR (Model) + Metrics
+- validate (INT8): INT8 IR + Dataset -> the same reports; finishes the MLflow parent run
+
+Every step runs the same image (``image``, fixed when the pipeline is compiled), requests CPU and
+memory, is cached by kfp on its inputs and gets credentials only from Kubernetes secrets
+(``use_secret_as_env``, optional, so a cluster without them still runs): S3 from ``s3_secret``,
+MLflow from ``mlflow_secret``. No credential is a pipeline parameter or appears in the YAML.
+
+Caching and MLflow: the parent run's id is an output of convert, so a rerun whose conversion kfp
+takes from its cache (same data URIs and MLflow settings) hands the earlier parent run on: the
+steps that do run again log their runs under it, next to the earlier ones, and steps taken from
+the cache log nothing. A new parent run comes with a new conversion (other data, another
+``mlflow_run_name``, or ``segcore pipeline submit --no-cache``). Caching keys on parameters, not on
+the bytes behind a URI: data changed in place needs a new URI or ``--no-cache``.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from components.common import DEFAULT_IMAGE
+
+PIPELINE_NAME = "segcore-segmentation"
+PIPELINE_DESCRIPTION = (
+    "Semantic segmentation with Lite-HRNet: convert the data, train, validate (Dice), export to "
+    "OpenVINO IR, quantize to INT8 with NNCF and validate the INT8 model; tracked in MLflow."
+)
+# Per-step requests: (CPU, memory). Training sets the pace; quantization holds two models and data.
+RESOURCES = {
+    "convert": ("1", "2Gi"),
+    "train": ("4", "8Gi"),
+    "validate": ("2", "4Gi"),
+    "export": ("1", "4Gi"),
+    "quantize": ("2", "8Gi"),
+}
+# Environment variables each secret may provide (every key optional).
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+TASKS = ("convert", "train", "validate", "export", "quantize", "validate-2")
+
+
+class PipelineOutputs(NamedTuple):
+    fp32_mean_dice: float
+    int8_mean_dice: float
+    mlflow_parent_run_id: str
+
+
+@dataclass(frozen=True)
+class Options:
+    """What is fixed when the pipeline is compiled (everything else is a run parameter)."""
+
+    image: str = DEFAULT_IMAGE
+    train_accelerator: str | None = None  # e.g. "nvidia.com/gpu" (needs a CUDA build of the image)
+    train_accelerator_count: int = 1
+    train_retries: int = 2
+    s3_secret: str = "segcore-s3"
+    mlflow_secret: str = "segcore-mlflow"
+
+
+def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
+    """The pipeline (a kfp GraphComponent) with every step in ``options.image``."""
+    from kfp import dsl, kubernetes
+
+    from components import convert, export, quantize, train, validate
+
+    convert_op = convert.component(options.image)
+    train_op = train.component(options.image)
+    validate_op = validate.component(options.image)
+    export_op = export.component(options.image)
+    quantize_op = quantize.component(options.image)
+
+    def configure(task, step: str, name: str):
+        cpu, memory = RESOURCES[step]
+        task.set_display_name(name).set_cpu_request(cpu).set_memory_request(memory)
+        kubernetes.use_secret_as_env(task, options.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
+        kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    def segcore_pipeline(
+        train_data_uri: str,
+        template: str = "Lite-HRNet-18-mod2",
+        val_data_uri: str = "",
+        train_ann_uri: str = "",
+        val_ann_uri: str = "",
+        data_format: str = "auto",
+        val_ratio: float = 0.2,
+        epochs: int = 0,
+        batch_size: int = 0,
+        input_size: str = "",
+        lr: float = 0.0,
+        num_workers: int = 2,
+        min_dice: float = 0.0,
+        export_precision: str = "FP32",
+        quantization_mode: str = "ptq",
+        max_dice_drop: float = 0.0,
+        subset_size: int = 300,
+        qat_epochs: int = 2,
+        checkpoint_uri: str = "",
+        s3_endpoint: str = "",
+        tracking: bool = True,
+        mlflow_tracking_uri: str = "",
+        mlflow_experiment: str = "segcore",
+        mlflow_run_name: str = "",
+    ) -> PipelineOutputs:
+        """convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8).
+
+        Args:
+            train_data_uri: training data (or the whole dataset): s3://bucket/prefix or a path the pods see.
+            template: Lite-HRNet template ID or name (segcore templates).
+            val_data_uri: validation images or dataset root ("" = split off training data).
+            train_ann_uri: training masks folder (plain layout with separate folders).
+            val_ann_uri: validation masks folder.
+            data_format: dataset format ("auto" detects it).
+            val_ratio: share of training items used for validation when no validation data is given.
+            epochs: maximum epochs (0 = the template's 300, with early stopping).
+            batch_size: images per step (0 = the template's 8).
+            input_size: network input HxW, e.g. 512x512 ("" = the template's).
+            lr: learning rate (0 = the template's).
+            num_workers: data loading processes of training and QAT.
+            min_dice: the FP32 model's validation mean Dice must reach this for export to run (0 = no gate).
+            export_precision: FP32 or FP16 weights in the exported IR.
+            quantization_mode: ptq (post-training, of the IR) or qat (quantization-aware training).
+            max_dice_drop: PTQ with accuracy control: largest allowed Dice drop (0 = plain PTQ).
+            subset_size: calibration images for quantization.
+            qat_epochs: QAT fine-tuning epochs.
+            checkpoint_uri: s3:// prefix for training checkpoints; a retried training resumes from there.
+            s3_endpoint: S3-compatible endpoint URL, e.g. http://minio:9000 ("" = AWS_ENDPOINT_URL / AWS).
+            tracking: log every step to MLflow.
+            mlflow_tracking_uri: MLflow server ("" = MLFLOW_TRACKING_URI from the MLflow secret).
+            mlflow_experiment: MLflow experiment of the runs.
+            mlflow_run_name: name of the MLflow parent run ("" = "segcore pipeline").
+        """
+        mlflow = {
+            "tracking": tracking,
+            "mlflow_tracking_uri": mlflow_tracking_uri,
+            "mlflow_experiment": mlflow_experiment,
+        }
+        data = configure(
+            convert_op(
+                train_data_uri=train_data_uri,
+                val_data_uri=val_data_uri,
+                train_ann_uri=train_ann_uri,
+                val_ann_uri=val_ann_uri,
+                data_format=data_format,
+                val_ratio=val_ratio,
+                s3_endpoint=s3_endpoint,
+                mlflow_run_name=mlflow_run_name,
+                **mlflow,
+            ),
+            "convert",
+            "convert",
+        )
+        mlflow["mlflow_parent_run_id"] = data.outputs["mlflow_parent_run_id"]
+        dataset = data.outputs["dataset"]
+
+        trained = configure(
+            train_op(
+                template=template,
+                dataset=dataset,
+                epochs=epochs,
+                batch_size=batch_size,
+                input_size=input_size,
+                lr=lr,
+                num_workers=num_workers,
+                checkpoint_uri=checkpoint_uri,
+                s3_endpoint=s3_endpoint,
+                **mlflow,
+            ),
+            "train",
+            "train",
+        )
+        trained.set_retry(options.train_retries, backoff_duration="60s", backoff_factor=2.0)
+        kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
+        if options.train_accelerator:
+            trained.set_accelerator_type(options.train_accelerator)
+            trained.set_accelerator_limit(options.train_accelerator_count)
+
+        checked = configure(
+            validate_op(model=trained.outputs["model"], dataset=dataset, label="fp32", min_dice=min_dice, **mlflow),
+            "validate",
+            "validate FP32",
+        )
+        exported = configure(
+            export_op(model=trained.outputs["model"], precision=export_precision, **mlflow),
+            "export",
+            "export",
+        ).after(checked)
+        quantized = configure(
+            quantize_op(
+                template=template,
+                ir=exported.outputs["ir"],
+                model=trained.outputs["model"],
+                dataset=dataset,
+                mode=quantization_mode,
+                max_dice_drop=max_dice_drop,
+                subset_size=subset_size,
+                qat_epochs=qat_epochs,
+                num_workers=num_workers,
+                **mlflow,
+            ),
+            "quantize",
+            "quantize INT8",
+        )
+        kubernetes.empty_dir_mount(quantized, "dshm", "/dev/shm", medium="Memory")  # QAT's data loader
+        checked_int8 = configure(
+            validate_op(
+                model=quantized.outputs["int8_ir"],
+                dataset=dataset,
+                label="int8",
+                finish_pipeline_run=True,
+                **mlflow,
+            ),
+            "validate",
+            "validate INT8",
+        )
+        return PipelineOutputs(
+            checked.outputs["mean_dice"], checked_int8.outputs["mean_dice"], data.outputs["mlflow_parent_run_id"]
+        )
+
+    return segcore_pipeline
+
+
+def compile_pipeline(path: str | Path, options: Options = Options()) -> Path:  # noqa: B008
+    """Write the pipeline as IR YAML (what the Kubeflow UI and ``kfp.Client`` take)."""
+    from kfp import compiler
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.yaml")
+    compiler.Compiler().compile(build(options), str(tmp))
+    tmp.replace(path)
+    return path
