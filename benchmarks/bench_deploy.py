@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--qat-subset", type=int, default=300, help="QAT calibration images (default 300)")
+    parser.add_argument("--skip-qat", action="store_true", help="leave out the QAT model")
+    parser.add_argument("--ptq-subset", type=int, default=300, help="PTQ calibration images (default 300)")
     args = parser.parse_args()
 
     import numpy as np
@@ -105,9 +107,11 @@ def main() -> int:
     if not (irs["ptq"] / "model.xml").exists():
         t = time.perf_counter()
         _run(_segcore("optimize", template, "--load-weights", str(irs["fp32"]), "--train-data-root", args.dataset,
-                      "--output", str(irs["ptq"])))  # fmt: skip
+                      "--output", str(irs["ptq"]), "--subset-size", str(args.ptq_subset)))  # fmt: skip
         steps_s["ptq"] = time.perf_counter() - t
-    if not (irs["qat"] / "model.xml").exists():
+    if args.skip_qat:
+        irs.pop("qat")
+    elif not (irs["qat"] / "model.xml").exists():
         t = time.perf_counter()
         _run(_segcore("optimize", template, "--load-weights", args.bundle, "--train-data-root", args.dataset,
                       "--output", str(irs["qat"]), "--mode", "qat", "--input-size", size, "--epochs",
@@ -138,6 +142,8 @@ def main() -> int:
     print(rows[-1], flush=True)
 
     for key, name in (("fp32", "OpenVINO FP32"), ("ptq", "OpenVINO INT8 (PTQ)"), ("qat", "OpenVINO INT8 (QAT)")):
+        if key not in irs:
+            continue
         xml = irs[key] / "model.xml"
         for label, config in (("default", threads), ("f32", f32)):
             p = OpenVINOPredictor(xml, config=config)
@@ -159,7 +165,7 @@ def main() -> int:
         "iters": args.iters,
         "threads": args.threads,
         "step_seconds": steps_s,
-        "reports": {k: json.loads((irs[k] / "report.json").read_text()) for k in ("ptq", "qat")},
+        "reports": {k: json.loads((irs[k] / "report.json").read_text()) for k in ("ptq", "qat") if k in irs},
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))

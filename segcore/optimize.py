@@ -5,10 +5,11 @@ activations), the multiplications inside cross-resolution and spatial weighting 
 point (they scale features by sigmoid gates, which INT8 hurts), and for PTQ also the iterative
 aggregator's additions; 300 calibration images from the training split.
 
-Activation ranges: NNCF's default min/max by default. OTX's mean-quantile estimator (outlier
-probability 1e-4) is ``range_estimator="quantile"``; NNCF computes quantiles outside the graph, so
-every calibration image copies all activations out of OpenVINO, and 300 images at 512x512 took over
-half an hour on 2 cores (min/max reduces inside the graph).
+Activation ranges: OTX's mean quantiles (outlier probability 1e-4) by default. Plain min/max
+(``range_estimator="minmax"``) calibrates about 2.5x faster, since NNCF reduces min/max inside the
+graph but copies every activation out of OpenVINO for quantiles, and it costs far more Dice: on
+CamVid with Lite-HRNet-18 (32 calibration images, 25 validation images) the mean Dice went from
+0.441 (FP32) to 0.415 with quantiles and to 0.335 with min/max (0.334 with mean min/max).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def quantize_ir(
     preset: str = "mixed",
     max_dice_drop: float | None = None,
     seed: int = 0,
-    range_estimator: str = "minmax",
+    range_estimator: str = "quantile",
 ):
     """Post-training quantization of a segcore IR; with ``max_dice_drop``, accuracy-controlled."""
     import nncf
@@ -173,7 +174,7 @@ def quantization_aware_training(
     preset: str = "mixed",
     num_workers: int = 2,
     progress: bool = False,
-    range_estimator: str = "minmax",
+    range_estimator: str = "quantile",
 ):
     """Insert NNCF fake-quantizers into a trained segmenter, fine-tune it with the training recipe
     at a low learning rate, and return (quantized torch model with the best weights, its metadata)."""
@@ -238,7 +239,7 @@ def optimize(
     input_size: tuple[int, int] | None = None,
     num_workers: int = 2,
     progress: bool = False,
-    range_estimator: str = "minmax",
+    range_estimator: str = "quantile",
 ) -> dict:
     """Quantize MODEL (an IR: PTQ; a bundle: QAT, or PTQ of its FP32 export) -> OUTPUT/model.xml + report.json."""
     from segcore.inference import OpenVINOPredictor, TorchPredictor, is_ir
