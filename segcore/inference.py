@@ -55,8 +55,7 @@ class TorchPredictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB image -> uint8 index mask of the same height and width."""
         x = torch.from_numpy(eval_preprocess(image, self.input_size))[None]
-        logit = self.logits(x)
-        logit = torch.nn.functional.interpolate(logit, size=image.shape[:2], mode="bilinear", align_corners=False)
+        logit = self.model(x, size=image.shape[:2])
         return logit[0].argmax(0).to(torch.uint8).numpy()
 
 

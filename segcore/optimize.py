@@ -3,7 +3,9 @@
 Both follow OTX's settings for Lite-HRNet: the mixed preset (symmetric weights, asymmetric
 activations), the multiplications inside cross-resolution and spatial weighting left in floating
 point (they scale features by sigmoid gates, which INT8 hurts), and for PTQ also the iterative
-aggregator's additions; 300 calibration images from the training split.
+aggregator's additions; 300 calibration images from the training split. The graph's own pre- and
+post-processing (input resize, the resize of the logits to the image size, softmax) stays in
+floating point too: int8 gains nothing there, and rounding the logits would flip near ties.
 
 Activation ranges: OTX's mean quantiles (outlier probability 1e-4) by default. Plain min/max
 (``range_estimator="minmax"``) calibrates about 2.5x faster, since NNCF reduces min/max inside the
@@ -43,6 +45,23 @@ log = logging.getLogger(__name__)
 # "__module.model.backbone.stage0.1.layers.0.spatial_weighting.1/aten::mul/Multiply".
 WEIGHTING_MULTIPLY = r".*(cross_resolution_weighting|spatial_weighting)[^/]*/aten::mul/.*"
 AGGREGATOR_ADD = r".*aggregator/aten::add/.*"
+# The segmenter's own final resize of the logits, in NNCF's PyTorch graph: kept float for QAT
+# as processing_ops() does for PTQ.
+SEGMENTER_RESIZE = "/interpolate/0"
+
+
+def processing_ops(ov_model) -> list[str]:
+    """The IR's pre- and post-processing resizes and softmax (the export wrapper's own ops).
+
+    Left in floating point: quantizing the input of the final resize rounds the logits to 256
+    levels before the argmax, which flips near-tied pixels, and int8 buys nothing for a resize.
+    """
+    return [
+        node.get_friendly_name()
+        for node in ov_model.get_ops()
+        if node.get_type_name() in ("Interpolate", "Softmax")
+        and not any(part in node.get_friendly_name() for part in (".backbone", ".decode_head"))
+    ]
 
 
 def _quiet_nncf() -> None:
@@ -134,7 +153,9 @@ def quantize_ir(
     options = dict(
         preset=_preset(preset),
         subset_size=subset_size,
-        ignored_scope=nncf.IgnoredScope(patterns=[WEIGHTING_MULTIPLY, AGGREGATOR_ADD]),
+        ignored_scope=nncf.IgnoredScope(
+            names=processing_ops(ov_model), patterns=[WEIGHTING_MULTIPLY, AGGREGATOR_ADD], validate=False
+        ),
         advanced_parameters=_advanced(range_estimator),
     )
     if max_dice_drop is None:
@@ -183,6 +204,7 @@ def quantization_aware_training(
 
     from segcore.data.dataset import EvalDataset
     from segcore.inference import TorchPredictor
+    from segcore.models.litehrnet import fixed_input_size
     from segcore.training import BEST, TrainConfig, train
 
     predictor = TorchPredictor(bundle)
@@ -200,20 +222,23 @@ def quantization_aware_training(
     calibration_set = EvalDataset(dataset_root, "train", config.input_size)
     indices = calibration_sample(list(range(len(calibration_set))), subset_size)
     calibration = nncf.Dataset(indices, lambda i: torch.as_tensor(calibration_set[i][0])[None])
-    log.info("QAT: calibrating fake-quantizers on %d training images", len(indices))
-    model = nncf.quantize(
-        predictor.model,
-        calibration,
-        preset=_preset(preset),
-        subset_size=len(indices),
-        ignored_scope=nncf.IgnoredScope(patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]),
-        advanced_parameters=_advanced(range_estimator),
-    )
-    log.info("QAT: fine-tuning %d epochs at lr %g", config.epochs, config.lr)
-    result = train(config, dataset_root, work_dir, initial_model=model, progress=progress)
-    best = torch.load(work_dir / BEST, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"])
-    model.eval()
+    with fixed_input_size(predictor.model):  # the graph the export will trace (see litehrnet.py)
+        log.info("QAT: calibrating fake-quantizers on %d training images", len(indices))
+        model = nncf.quantize(
+            predictor.model,
+            calibration,
+            preset=_preset(preset),
+            subset_size=len(indices),
+            ignored_scope=nncf.IgnoredScope(
+                names=[SEGMENTER_RESIZE], patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]
+            ),
+            advanced_parameters=_advanced(range_estimator),
+        )
+        log.info("QAT: fine-tuning %d epochs at lr %g", config.epochs, config.lr)
+        result = train(config, dataset_root, work_dir, initial_model=model, progress=progress)
+        best = torch.load(work_dir / BEST, map_location="cpu", weights_only=True)
+        model.load_state_dict(best["model"])
+        model.eval()
     meta["qat"] = {
         "epochs": result["epochs_run"],
         "lr": lr,

@@ -17,6 +17,7 @@ from segcore.data.transforms import MEAN, STD
 from segcore.export import IR_NAME, META_KEY
 from segcore.inference import OpenVINOPredictor, TorchPredictor
 from segcore.models import TEMPLATES, create_model
+from segcore.optimize import processing_ops
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0"]
@@ -65,7 +66,7 @@ def test_every_template_exports_and_the_ir_predicts_like_pytorch(template, tmp_p
     xml = tmp_path / "ir" / IR_NAME
     model = ov.Core().read_model(xml)
     shape = model.inputs[0].get_partial_shape()
-    assert shape[1].is_dynamic and shape[2].is_dynamic and shape[3].get_length() == 3
+    assert shape[0].get_length() == 1 and shape[1].is_dynamic and shape[2].is_dynamic and shape[3].get_length() == 3
     assert model.get_rt_info(["model_info", "model_type"]).astype(str) == "Segmentation"
     assert model.get_rt_info(["model_info", "labels"]).astype(str) == "a b c d e"
 
@@ -147,6 +148,12 @@ def _assert_int8(out: Path, mode: str) -> dict:
     assert meta["precision"] == "INT8" and meta["quantization"] == mode
     assert report["int8_ir_bytes"] < report["fp32_ir_bytes"]
     assert 0 <= report["val_mdice_int8"] <= 1
+    # pre/post-processing stays float: no fake-quantizer feeds the resizes or the softmax
+    names = set(processing_ops(model))
+    processing = [node for node in model.get_ops() if node.get_friendly_name() in names]
+    assert sorted(node.get_type_name() for node in processing) == ["Interpolate", "Interpolate", "Softmax"]
+    for node in processing:
+        assert node.input_value(0).get_node().get_type_name() != "FakeQuantize", node.get_friendly_name()
     return report
 
 

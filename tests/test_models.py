@@ -284,3 +284,24 @@ def test_models_do_not_import_tracking_storage_or_pipelines():
     code = "import sys, segcore.models; print(sorted({'mlflow', 'boto3', 'kfp'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "size, out", [((64, 96), (8, 12)), ((64, 96), (64, 96)), ((63, 90), (8, 12)), ((5, 7), (2, 3))]
+)
+def test_pool_to_equals_adaptive_average_pooling(size, out):
+    from segcore.models.litehrnet import _pool_to
+
+    x = torch.randn(2, 3, *size)
+    torch.testing.assert_close(_pool_to(x, out), F.adaptive_avg_pool2d(x, out))
+
+
+def test_logits_go_straight_to_the_requested_size():
+    model = create_model(get_template("Lite-HRNet-s-mod2"), 3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        head = model.decode_head(model.backbone(x))
+        resized = model(x, size=(40, 50))
+        assert model(x).shape == (1, 3, 64, 64)
+    assert resized.shape == (1, 3, 40, 50)
+    torch.testing.assert_close(resized, F.interpolate(head, size=(40, 50), mode="bilinear", align_corners=False))

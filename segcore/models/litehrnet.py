@@ -17,6 +17,7 @@ branch of the Python code depends on a tensor's shape, so tracing (TorchScript, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,22 @@ class Stem(nn.Module):
         return channel_shuffle(torch.cat((x1, x2), dim=1), 2)
 
 
+def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling to ``size``, as a plain strided average pool when the sizes divide.
+
+    Both give the same numbers when ``x``'s size is a multiple of ``size`` (always so for the
+    usual input sizes: branches halve), but OpenVINO's CPU plugin has an optimised kernel only
+    for the plain one (its AdaptiveAvgPool took about 15% of Lite-HRNet-18's inference time).
+    The kernel is computed from the shape, so a trace of it holds for that input size only.
+    """
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    out_h, out_w = int(size[0]), int(size[1])
+    if height % out_h == 0 and width % out_w == 0:
+        kernel = (height // out_h, width // out_w)
+        return x if kernel == (1, 1) else F.avg_pool2d(x, kernel, kernel)
+    return F.adaptive_avg_pool2d(x, (out_h, out_w))
+
+
 class CrossResolutionWeighting(nn.Module):
     """Channel weights computed from all branches at once.
 
@@ -144,15 +161,35 @@ class CrossResolutionWeighting(nn.Module):
         total = sum(self.channels)
         self.conv1 = ConvBNAct(total, int(total / ratio), 1)
         self.conv2 = ConvBNAct(int(total / ratio), total, 1, act=nn.Sigmoid)
+        # Set by fixed_input_size() for a graph whose input size never changes (the export).
+        self.strided_pool = False
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         min_size = xs[-1].shape[-2:]
-        pooled = [F.adaptive_avg_pool2d(x, min_size) for x in xs[:-1]] + [xs[-1]]
+        pool = _pool_to if self.strided_pool else F.adaptive_avg_pool2d
+        pooled = [pool(x, min_size) for x in xs[:-1]] + [xs[-1]]
         weights = self.conv2(self.conv1(torch.cat(pooled, dim=1)))
         return [
             x * F.interpolate(w, size=x.shape[-2:], mode="nearest")
             for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)
         ]
+
+
+@contextmanager
+def fixed_input_size(model: nn.Module):
+    """Within this block, ``model`` runs (or is traced) at one input size: cross-resolution
+    weighting pools with plain strided average pooling (see ``_pool_to``), not adaptive pooling.
+    Used for the export; QAT keeps it on for its whole run (its inputs all have one size, and
+    NNCF's quantizers attach to the ops by name, so the trained and the exported graph must match)."""
+    modules = [m for m in model.modules() if isinstance(m, CrossResolutionWeighting)]
+    before = [m.strided_pool for m in modules]
+    for m in modules:
+        m.strided_pool = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(modules, before, strict=True):
+            m.strided_pool = flag
 
 
 class SpatialWeighting(nn.Module):
