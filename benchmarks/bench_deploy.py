@@ -6,8 +6,10 @@ From one CamVid-trained bundle, in one run on an otherwise idle machine:
 2. ``segcore optimize`` of that IR (PTQ, 300 calibration images) and of the bundle (QAT);
 3. CamVid val mean Dice of every model, each image at its own size (480x360);
 4. latency: batch 1, a 512x512 uint8 image in, class probabilities out, 2 threads, after warm-up,
-   median of --iters runs; all four models compute the same thing (resize + normalise + network
-   + upsampling + softmax), PyTorch through the same wrapper module the IR was traced from;
+   median of --iters runs, taken in interleaved rounds of 10 runs per model (machine noise hits
+   every model alike); all models compute the same thing (resize + normalise + network +
+   upsampling + softmax), PyTorch through the same wrapper module the IR was traced from; the IRs
+   are timed as exported (dynamic height and width) and reshaped to a static 1x512x512x3 input;
 5. throughput: OpenVINO with the THROUGHPUT hint and an async queue, PyTorch eager with batch 4.
 
 OpenVINO's CPU plugin runs FP32 IRs in bf16 where the CPU has it (INFERENCE_PRECISION_HINT), so
@@ -41,17 +43,6 @@ def _run(cmd: list[str]) -> None:
 
 def _segcore(*args: str) -> list[str]:
     return [sys.executable, "-m", "segcore.cli", *args]
-
-
-def _latency(fn, image, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn(image)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(image)
-        times.append(time.perf_counter() - start)
-    return {"latency_ms_median": 1000 * statistics.median(times), "latency_ms_min": 1000 * min(times)}
 
 
 def _ov_throughput(xml: Path, image, config: dict, count: int) -> float:
@@ -122,37 +113,64 @@ def main() -> int:
     f32 = {**threads, "INFERENCE_PRECISION_HINT": "f32"}
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    rows = []
 
-    # PyTorch eager FP32: the same computation as the IR (RawImageModel), network at 512x512
+    # Every model, compiled once; timed below in interleaved rounds so that machine noise
+    # (a busy neighbour for a few seconds) spreads over all of them instead of one.
     torch_p = TorchPredictor(args.bundle)
     torch_p.input_size = (args.size, args.size)
     raw = RawImageModel(torch_p.model, torch_p.input_size, torch_p.meta["mean"], torch_p.meta["std"]).eval()
     x1 = torch.from_numpy(image)[None]
-    with torch.no_grad():
-        lat = _latency(lambda x: raw(x), x1, args.warmup, args.iters)
-        x4 = x1.repeat(4, 1, 1, 1)
-        raw(x4)
-        t = time.perf_counter()
-        for _ in range(5):
-            raw(x4)
-        tput = 20 / (time.perf_counter() - t)
-    dice = score(torch_p, args.dataset, "val")["mdice"]
-    rows.append({"model": "PyTorch eager FP32", "precision": "f32", **lat, "throughput_img_s": tput, "val_mdice": dice})
-    print(rows[-1], flush=True)
-
+    models = [{"model": "PyTorch eager FP32", "precision": "f32", "predictor": torch_p, "run": raw, "input": x1}]
     for key, name in (("fp32", "OpenVINO FP32"), ("ptq", "OpenVINO INT8 (PTQ)"), ("qat", "OpenVINO INT8 (QAT)")):
         if key not in irs:
             continue
         xml = irs[key] / "model.xml"
         for label, config in (("default", threads), ("f32", f32)):
             p = OpenVINOPredictor(xml, config=config)
-            lat = _latency(lambda im, p=p: p.probabilities(im), image, args.warmup, args.iters)
-            tput = _ov_throughput(xml, image, config, 100)
-            dice = score(p, args.dataset, "val")["mdice"]
-            rows.append({"model": name, "precision": f"{label} ({p.inference_precision})", **lat,
-                         "throughput_img_s": tput, "val_mdice": dice, "ir_mb": _mb(xml)})  # fmt: skip
-            print(rows[-1], flush=True)
+            static = _static_request(xml, config, args.size)
+            models.append({"model": name, "precision": f"{label} ({p.inference_precision})", "predictor": p,
+                           "run": p.probabilities, "input": image, "static": static, "xml": xml,
+                           "config": config})  # fmt: skip
+
+    timed = []
+    for m in models:
+        timed.append((m, "latency_ms", m["run"], m["input"]))
+        if "static" in m:
+            timed.append((m, "latency_ms_static", m["static"], {0: image[None]}))
+    times = {id(fn): [] for _, _, fn, _ in timed}
+    with torch.no_grad():
+        for _, _, fn, x in timed:
+            for _ in range(args.warmup):
+                fn(x)
+        rounds = max(1, args.iters // 10)
+        for _ in range(rounds):
+            for _, _, fn, x in timed:
+                for _ in range(10):
+                    start = time.perf_counter()
+                    fn(x)
+                    times[id(fn)].append(time.perf_counter() - start)
+    for m, key, fn, _ in timed:
+        m[key] = 1000 * statistics.median(times[id(fn)])
+
+    rows = []
+    for m in models:
+        if "xml" in m:
+            tput = _ov_throughput(m["xml"], image, m["config"], 100)
+        else:
+            with torch.no_grad():
+                x4 = x1.repeat(4, 1, 1, 1)
+                raw(x4)
+                t = time.perf_counter()
+                for _ in range(5):
+                    raw(x4)
+                tput = 20 / (time.perf_counter() - t)
+        row = {k: m[k] for k in ("model", "precision", "latency_ms", "latency_ms_static") if k in m}
+        row["throughput_img_s"] = tput
+        row["val_mdice"] = score(m["predictor"], args.dataset, "val")["mdice"]
+        if "xml" in m:
+            row["ir_mb"] = _mb(m["xml"])
+        rows.append(row)
+        print(row, flush=True)
 
     results = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -169,12 +187,26 @@ def main() -> int:
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n| model | inference precision | latency ms (median) | throughput img/s | CamVid val mDice |")
-    print("|---|---|---|---|---|")
+    print("\n| model | inference precision | latency ms, IR as exported (dynamic H, W) | latency ms, reshaped "
+          f"to static 1x{size}x3 | throughput img/s | CamVid val mDice | IR MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['precision']} | {r['latency_ms_median']:.1f} | {r['throughput_img_s']:.2f} | "
-              f"{r['val_mdice']:.4f} |")  # fmt: skip
+        static = f"{r['latency_ms_static']:.1f}" if "latency_ms_static" in r else ""
+        ir_mb = f"{r['ir_mb']:.2f}" if "ir_mb" in r else ""
+        print(f"| {r['model']} | {r['precision']} | {r['latency_ms']:.1f} | {static} | {r['throughput_img_s']:.2f} | "
+              f"{r['val_mdice']:.4f} | {ir_mb} |")  # fmt: skip
     return 0
+
+
+def _static_request(xml: Path, config: dict, size: int):
+    """The IR reshaped to a static 1 x size x size x 3 input (as OTX ships its IR), compiled."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(xml)
+    model.reshape([1, size, size, 3])
+    request = core.compile_model(model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+    return request.infer
 
 
 def _mb(xml: Path) -> float:
