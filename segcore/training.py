@@ -211,7 +211,7 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[..., torch.Tensor],
     dataset: EvalDataset,
     num_classes: int,
     ignore_index: int,
@@ -220,18 +220,20 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Dice/IoU over all pixels of a split; logits are resized to each mask's own size."""
+    """Dice/IoU over all pixels of a split; ``predict(images, size=...)`` resizes the logits to
+    each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR do)."""
     from tqdm import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval)
     cm = ConfusionMatrix(num_classes, ignore_index)
     for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        logits = predict(images)
+        if len({tuple(mask.shape) for mask in masks}) == 1:
+            logits = predict(images, size=tuple(masks[0].shape))
+        else:
+            logits = [
+                predict(image[None], size=tuple(mask.shape))[0] for image, mask in zip(images, masks, strict=True)
+            ]
         for logit, mask in zip(logits, masks, strict=True):
-            if logit.shape[-2:] != mask.shape:
-                logit = torch.nn.functional.interpolate(
-                    logit[None], size=mask.shape, mode="bilinear", align_corners=False
-                )[0]
             cm.update(logit.argmax(0), mask)
     scores = cm.scores(labels)
     scores["num_images"] = len(dataset)
