@@ -15,6 +15,9 @@ layouts:
   IMAGES --val-ann-files MASKS]; or a dataset Datumaro reads: ade20k2017, ade20k2020,
   cityscapes, voc, common_semantic_segmentation, camvid (detected automatically).
   A dataset_meta.json beside the data gives label names, colours and ignore_index.
+  Without one, mask values are class ids (255 = ignore), except masks holding only 0 and 255:
+  those are binary (0 = background, 255 = foreground). A Datumaro dataset without split folders
+  is training data. Mask conventions and refusals: docs/data.md.
 
 Any path may be s3://bucket/prefix (endpoint: --s3-endpoint or AWS_ENDPOINT_URL; credentials from
 the environment or AWS config).
@@ -122,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         "labels": manifest["labels"],
         "ignore_index": manifest["ignore_index"],
         "splits": manifest["splits"],
+        "label_source": manifest["label_source"],
+        "warnings": manifest["warnings"],
         "output": manifest["output"],
     }
     if args.json:

@@ -78,6 +78,20 @@ def prepare_dataset(args: argparse.Namespace, output: Path) -> Path:
     return target
 
 
+def _prepare_or_clean(args: argparse.Namespace, output: Path) -> Path:
+    """``prepare_dataset``; when the data is refused, the output folder this call created goes
+    away with it, so nothing is left behind that looks like a started training."""
+    import shutil
+
+    created = not output.exists()
+    try:
+        return prepare_dataset(args, output)
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
 def _check_output(args: argparse.Namespace) -> None:
     """The same refusals for a local folder and an S3 prefix, before any download or training."""
     from segcore import storage
@@ -235,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 tags={"segcore.template": template.name},
             )
         )
-        dataset = prepare_dataset(local, output)
+        dataset = _prepare_or_clean(local, output)
         manifest = load_manifest(dataset)
         tracker.write_run_file(output)
         tracker.log_params(train_params(template, config, manifest, args))

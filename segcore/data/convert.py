@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segcore import __version__
-from segcore.data.meta import LabelSpec, default_colors
+from segcore.data.meta import META_FILE, LabelSpec, default_colors
 from segcore.data.sources import RawItem, Source, open_dataset
 from segcore.errors import DataError, SegcoreError
 
@@ -66,16 +66,34 @@ def _process(item: RawItem, spec: LabelSpec | None, out: Path) -> _Written:
         raise DataError("mask has no image with the same name", item.mask_path)
     if item.load_mask is None:
         raise DataError("image has no mask with the same name", item.image_path)
+    suffix = item.image_path.suffix.lower()
     try:
         data = item.image_path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # a full decode: truncated files fail here
-            width, height = img.size
+            stored = img.size
+            orientation = _exif_orientation(img)
+            if orientation != 1:
+                # Viewers and annotation tools show the image rotated as its EXIF says, and
+                # OpenCV reads it so: keep that orientation, in a file without the tag.
+                upright = ImageOps.exif_transpose(img)
+                buffer = io.BytesIO()
+                upright.save(buffer, format="PNG", compress_level=1)
+                data, suffix = buffer.getvalue(), ".png"
+                stored_name = f"{stored[0]}x{stored[1]}"
+            width, height = upright.size if orientation != 1 else stored
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"unreadable or truncated image ({reason})", item.image_path) from None
     mask = item.load_mask()
     if mask.shape != (height, width):
+        if orientation != 1 and mask.shape == (stored[1], stored[0]):
+            raise DataError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]}, the stored size of its image {item.image_path.name}, "
+                f"but the image's EXIF orientation ({orientation}) shows it as {width}x{height}; save the mask "
+                f"as the image is shown, or remove the image's orientation tag (stored {stored_name})",
+                item.mask_path,
+            )
         raise DataError(
             f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {item.image_path.name} is {width}x{height}",
             item.mask_path,
@@ -90,13 +108,21 @@ def _process(item: RawItem, spec: LabelSpec | None, out: Path) -> _Written:
                 item.mask_path,
             )
     name = _safe_name(item.item_id)
-    image_rel = f"images/{item.split}/{name}{item.image_path.suffix.lower()}"
+    image_rel = f"images/{item.split}/{name}{suffix}"
     mask_rel = f"masks/{item.split}/{name}.png"
     (out / image_rel).write_bytes(data)
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").save(out / mask_rel, compress_level=1)
     digest = hashlib.sha256(data)
     digest.update(np.ascontiguousarray(mask).tobytes())
     return _Written(item.split, item.item_id, image_rel, mask_rel, height, width, digest.hexdigest(), counts)
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def split_train_val(items: list[RawItem], val_ratio: float, seed: int) -> list[RawItem]:
@@ -146,7 +172,8 @@ def convert(
         Path(val_ann) if val_ann else None,
         fmt,
     )
-    if source.spec is None and default_spec is not None:
+    from_model = source.spec is None and default_spec is not None
+    if from_model:
         source.spec = default_spec
     for note in source.notes:
         log.info("%s", note)
@@ -156,6 +183,7 @@ def convert(
             item.split = as_split
         source.val_location = None
     elif not any(i.split == "val" for i in source.items) and source.val_location is None:
+        _check_enough_to_split(source, Path(train_root))
         split_train_val(source.items, val_ratio, seed)
         split_info = {"from": "train", "val_ratio": val_ratio, "seed": seed}
         log.info("no validation split given: took %.0f%% of train as val (seed %d)", val_ratio * 100, seed)
@@ -169,8 +197,11 @@ def convert(
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "masks" / split).mkdir(parents=True)
         written, invalid = _run(source, tmp, skip_invalid, workers, progress)
-        manifest = _manifest(source, written, split_info, Path(train_root))
+        spec, label_source = _decide_labels(source, written, tmp, Path(train_root), from_model)
+        manifest = _manifest(source, spec, label_source, written, split_info, Path(train_root))
         _check_not_empty_after_skip(manifest, Path(train_root), required)
+        warnings = [] if as_split else check_trainable(manifest, Path(train_root))
+        manifest["warnings"] = warnings
         elapsed = time.perf_counter() - started
         report = {
             "checked": len(source.items),
@@ -178,6 +209,7 @@ def convert(
             "skipped": invalid,
             "seconds": round(elapsed, 3),
             "notes": source.notes,
+            "warnings": warnings,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
@@ -203,11 +235,28 @@ def _replace(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_enough_to_split(source: Source, train_root: Path) -> None:
+    """Without a validation split, val is taken from train: that needs two labelled items."""
+    labelled = sum(1 for i in source.items if i.split == "train" and i.image_path and i.load_mask)
+    if labelled == 1:  # none at all: the empty-split and pairing checks say what is wrong
+        raise DataError(
+            "too few labelled items to split into train and val: 1 image+mask pair found, at least 2 are "
+            "needed (10 or more advised); add items, "
+            "or give a validation split (images/val + annotations/val beside images/train, or "
+            "--val-data-root with --val-ann-files)",
+            train_root,
+        )
+
+
 def _check_not_empty(source: Source, train_root: Path, splits: tuple[str, ...]) -> None:
     for split in splits:
         if not any(i.split == split for i in source.items):
             where = source.val_location if split == "val" and source.val_location else train_root
-            raise DataError(f"the {split} split is empty: no images or masks found", where)
+            hint = ""
+            if source.unused_subsets:
+                found = ", ".join(f"'{k}' ({v} items)" for k, v in sorted(source.unused_subsets.items()))
+                hint = f" (subsets found: {found}; segcore reads train, val and default)"
+            raise DataError(f"the {split} split is empty: no images or masks found{hint}", where)
 
 
 def _check_not_empty_after_skip(manifest: dict, train_root: Path, splits: tuple[str, ...]) -> None:
@@ -252,17 +301,74 @@ def _run(source: Source, tmp: Path, skip_invalid: bool, workers: int | None, pro
     return written, invalid
 
 
-def _manifest(source: Source, written: list[_Written], split_info: dict | None, root: Path) -> dict:
+# Without dataset_meta.json, mask values are class ids 0..K-1. Refuse what cannot be that: values
+# far apart (grey levels chosen per class) or too many (a greyscale image, an anti-aliased mask).
+MAX_INFERRED_CLASSES = 100
+BINARY_LABELS = ("background", "foreground")
+
+
+def _value_totals(written: list[_Written]) -> np.ndarray:
+    total = np.zeros(256, dtype=np.int64)
+    for w in written:
+        total += w.counts
+    return total
+
+
+def _decide_labels(source: Source, written: list[_Written], tmp: Path, root: Path, from_model: bool):
+    """The label set and how it was found: declared by the data, the model's (evaluation), read
+    from the mask values, or binary 0/255 masks (then rewritten in ``tmp`` as 0/1)."""
+    totals = _value_totals(written)
+    seen = {int(v) for v in np.flatnonzero(totals)}
     spec = source.spec
+    binary = seen == {0, 255} and (spec is None or (from_model and spec.num_classes == 2))
+    if binary:
+        _binary_to_index(written, tmp)
+        labels = spec.labels if spec is not None else BINARY_LABELS
+        log.info(
+            "masks hold only the values 0 and 255 and no %s declares them: read as binary masks, "
+            "0 = %s, 255 = %s (label 1); a %s with ignore_index 255 says otherwise",
+            META_FILE,
+            labels[0],
+            labels[1],
+            META_FILE,
+        )
+        colors = spec.colors if spec is not None else ((0, 0, 0), (255, 255, 255))
+        return LabelSpec(tuple(labels), tuple(colors), 255), "binary 0/255"
+    if spec is not None:
+        return spec, "model" if from_model else "declared"
+    values = sorted(seen - {255})
+    n = (values[-1] + 1) if values else 1
+    unused = n - len(values)
+    if n > MAX_INFERRED_CLASSES or unused > max(2, len(values)):
+        shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+        raise DataError(
+            f"mask values ({shown}; {len(values)} distinct) are not class ids 0..K-1 and no {META_FILE} "
+            "names them: a greyscale or anti-aliased image, or classes coded as grey levels; save index "
+            f"masks with ids 0..K-1 (255 = ignore), or write {META_FILE} with the labels",
+            root,
+        )
+    log.info("no %s found: labels named class_0..class_%d from the mask values", META_FILE, n - 1)
+    return LabelSpec(tuple(f"class_{i}" for i in range(n)), tuple(default_colors(n)), 255), "mask values"
+
+
+def _binary_to_index(written: list[_Written], tmp: Path) -> None:
+    """Rewrite 0/255 masks as 0/1 (and their counts and digests)."""
+    for w in written:
+        mask = (np.asarray(Image.open(tmp / w.mask)) == 255).astype(np.uint8)
+        Image.fromarray(mask, mode="L").save(tmp / w.mask, compress_level=1)
+        digest = hashlib.sha256((tmp / w.image).read_bytes())
+        digest.update(np.ascontiguousarray(mask).tobytes())
+        w.digest = digest.hexdigest()
+        w.counts = w.counts.copy()
+        w.counts[1], w.counts[255] = w.counts[255], 0
+
+
+def _manifest(
+    source: Source, spec: LabelSpec, label_source: str, written: list[_Written], split_info: dict | None, root: Path
+) -> dict:
     totals = {s: np.zeros(256, dtype=np.int64) for s in SPLITS}
     for w in written:
         totals[w.split] += w.counts
-    if spec is None:  # no label names anywhere: one label per value seen below the ignore index
-        seen = np.flatnonzero(sum(totals.values()))
-        seen = [int(v) for v in seen if v != 255]
-        n = (max(seen) + 1) if seen else 1
-        spec = LabelSpec(tuple(f"class_{i}" for i in range(n)), tuple(default_colors(n)), 255)
-        log.info("no %s found: labels named class_0..class_%d", "dataset_meta.json", n - 1)
     n = spec.num_classes
     digest = hashlib.sha256(json.dumps([spec.labels, spec.ignore_index]).encode())
     for w in sorted(written, key=lambda w: (w.split, w.item_id)):
@@ -278,6 +384,7 @@ def _manifest(source: Source, written: list[_Written], split_info: dict | None, 
         "labels": list(spec.labels),
         "colors": [list(c) for c in spec.colors],
         "ignore_index": spec.ignore_index,
+        "label_source": label_source,
         "splits": {s: len(items[s]) for s in SPLITS},
         "val_split": split_info,
         "content_hash": digest.hexdigest(),
@@ -285,6 +392,42 @@ def _manifest(source: Source, written: list[_Written], split_info: dict | None, 
         "ignored_pixels": {s: int(totals[s][spec.ignore_index]) for s in SPLITS},
         "items": items,
     }
+
+
+def check_trainable(manifest: dict, root: Path) -> list[str]:
+    """Refuse a dataset a model cannot learn from; return warnings about what it can learn."""
+    labels, ignore = manifest["labels"], manifest["ignore_index"]
+    pixels = manifest["class_pixels"]
+    binary_hint = (
+        " (masks whose only value is 255 read as all-ignored; if 255 marks your object, the background must be 0)"
+        if manifest["label_source"] != "declared"
+        else ""
+    )
+    for split in SPLITS:
+        if sum(pixels[split]) == 0:
+            raise DataError(
+                f"no labelled pixel in the {split} split: every mask pixel is the ignore index {ignore}{binary_hint}",
+                root,
+            )
+    present = [name for name, count in zip(labels, pixels["train"], strict=True) if count > 0]
+    if len(present) == 1:
+        raise DataError(
+            f"only one class ('{present[0]}') has labelled pixels in the training split; a segmentation model "
+            "needs at least two (e.g. background and object): label the rest of each image, or check that "
+            f"{META_FILE}'s ignore_index does not hide a class",
+            root,
+        )
+    warnings = []
+    val_only = [name for name, t, v in zip(labels, pixels["train"], pixels["val"], strict=True) if v > 0 and t == 0]
+    if val_only:
+        warnings.append(
+            f"class{'es' if len(val_only) > 1 else ''} {', '.join(val_only)} ha{'ve' if len(val_only) > 1 else 's'} "
+            "labelled pixels in val but none in train: the model cannot learn "
+            f"{'them' if len(val_only) > 1 else 'it'} and its val Dice will be 0"
+        )
+    for text in warnings:
+        log.warning("%s", text)
+    return warnings
 
 
 def load_manifest(folder: str | Path) -> dict:

@@ -53,6 +53,12 @@ _IDENTITY_FORMATS = {"cityscapes", "voc", "common_semantic_segmentation", "camvi
 # Labels some formats declare for unlabelled pixels (VOC: "ignored"; CamVid: "Void").
 _IGNORE_LABEL_NAMES = {"ignored", "ignore", "void", "unlabelled", "unlabeled"}
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+# Datumaro puts the items of a dataset without split folders into the subset "default": that is
+# the dataset itself, so it is training data (split into train/val by --val-ratio when no val).
+_DEFAULT_SUBSET = "default"
+# Files and folders that archivers and operating systems leave beside the data (macOS resource
+# forks "._x.png" look like images but are not).
+_JUNK_DIRS = {"__MACOSX"}
 
 # Datumaro's image cache is shared and not meant for concurrent use: decode its masks one at a time.
 _DATUMARO_LOCK = threading.Lock()
@@ -77,21 +83,35 @@ class Source:
     notes: list[str] = field(default_factory=list)
     # Where the user declared a validation split (even an empty one); None: split from train.
     val_location: Path | None = None
+    unused_subsets: dict[str, int] = field(default_factory=dict)  # Datumaro subsets segcore does not read
 
 
 # --------------------------------------------------------------------------------------------
 # Plain layout: image folder + mask folder with the same file stems
 
 
+def _is_junk(path: Path, folder: Path) -> bool:
+    """Hidden files and folders (".DS_Store", macOS "._x.png" forks, ".ipynb_checkpoints") and
+    archive leftovers ("__MACOSX") under ``folder``."""
+    parts = path.relative_to(folder).parts
+    return any(part.startswith(".") or part in _JUNK_DIRS for part in parts)
+
+
 def _list_images(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
+    junk = 0
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if _is_junk(path, folder):
+            junk += 1
             continue
         stem = path.relative_to(folder).with_suffix("").as_posix()
         if stem in found:
             raise DataError(f"two files share the name '{stem}' ({found[stem].name}, {path.name})", path)
         found[stem] = path
+    if junk:
+        log.info("%s: ignored %d hidden or archive-leftover files (.*, __MACOSX)", folder, junk)
     return found
 
 
@@ -111,14 +131,23 @@ def read_plain_split(image_dir: Path, mask_dir: Path, split: str, spec: LabelSpe
 
 
 def load_plain_mask(path: Path, spec: LabelSpec | None) -> np.ndarray:
-    """Decode an index mask (L, P or I) or a colour mask (RGB, mapped through the palette)."""
+    """Decode an index mask (L, P, 1-bit or I) or a colour mask (RGB, mapped through the palette).
+
+    JPEG masks are refused: lossy compression turns the edges between classes into values that
+    are no class at all."""
     try:
         with Image.open(path) as img:
             img.load()
-            mode = img.mode
+            mode, kind = img.mode, img.format
             array = np.asarray(img)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"unreadable or truncated mask ({_short(exc)})", path) from None
+    if kind == "JPEG":
+        raise DataError(
+            "mask is a JPEG: lossy compression changes the class values along every edge; save masks as PNG", path
+        )
+    if mode == "1":  # 1-bit masks: 0 background, 1 foreground
+        return array.astype(np.uint8)
     if mode in ("L", "P"):
         return array.astype(np.uint8, copy=False)
     if mode in ("I", "I;16", "I;16B", "I;16L"):
@@ -272,8 +301,13 @@ def _collect(dataset, root: Path, fmt: str, split: str | None) -> Source:
     items: list[RawItem] = []
     notes: list[str] = []
     unused: dict[str, int] = {}
+    as_train = 0
     for item in dataset:
-        target = split or _SPLIT_ALIASES.get(item.subset.lower())
+        subset = item.subset or _DEFAULT_SUBSET
+        target = split or _SPLIT_ALIASES.get(subset.lower())
+        if target is None and subset == _DEFAULT_SUBSET:
+            target = "train"
+            as_train += 1
         if target is None:
             unused[item.subset] = unused.get(item.subset, 0) + 1
             continue
@@ -296,9 +330,11 @@ def _collect(dataset, root: Path, fmt: str, split: str | None) -> Source:
         items.append(RawItem(target, item.id, image_path, mask_path, loader))
         if image_path is None and loader is None:
             items.pop()  # neither image nor mask: nothing to pair
+    if as_train:
+        notes.append(f"{as_train} items without a split folder (Datumaro subset 'default') used as training data")
     if unused:
         notes.append("not used: " + ", ".join(f"subset '{k}' ({v} items)" for k, v in sorted(unused.items())))
-    return Source(fmt, spec, items, notes)
+    return Source(fmt, spec, items, notes, unused_subsets=unused)
 
 
 def _load_datumaro_mask(index_mask, table: dict[int, int], path: Path, expected: str | None) -> np.ndarray:
