@@ -1,6 +1,6 @@
 """Train a template on CamVid under a CPU time budget and report validation Dice.
 
-Run by hand (it takes the budget plus a few minutes); results go into the README:
+Run by hand (it takes the budget plus a few minutes); results go into docs/benchmarks.md:
 
     python benchmarks/train_camvid.py --template Lite-HRNet-18 --budget-min 45 --input-size 352x480
 

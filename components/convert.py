@@ -27,52 +27,20 @@ def convert(
     from collections import namedtuple
 
     from components import common
-    from segcore.tracking import redact
+    from segcore import storage
+    from segcore.steps import DataSource, convert_step
+    from segcore.tracking import parent_status, start_parent_run
 
-    params = {
-        "train_data_uri": train_data_uri,
-        "val_data_uri": val_data_uri,
-        "train_ann_uri": train_ann_uri,
-        "val_ann_uri": val_ann_uri,
-        "data_format": data_format,
-        "val_ratio": val_ratio,
-    }
-    params = {k: redact(str(v)) for k, v in params.items() if v != ""}
-    pipeline_args = common.tracking_args(tracking, mlflow_tracking_uri, mlflow_experiment)
-    parent = common.start_parent_run(pipeline_args, mlflow_run_name or "segcore pipeline", params)
-    args = common.tracking_args(tracking, mlflow_tracking_uri, mlflow_experiment, parent, "convert")
-    argv = ["convert", "--train-data-root", train_data_uri, "--output", dataset.path, "--overwrite"]
-    argv += common.flags(
-        {
-            "--val-data-root": val_data_uri,
-            "--train-ann-files": train_ann_uri,
-            "--val-ann-files": val_ann_uri,
-            "--format": data_format,
-            "--val-ratio": val_ratio,
-            "--s3-endpoint": s3_endpoint,
-        }
-    )
-    with common.step_run(args, "convert") as tracker:
-        common.run_cli(argv)
-        manifest = common.read_json(f"{dataset.path}/manifest.json")
-        tracker.log_params({**params, "dataset_hash": manifest["content_hash"], "format": manifest["format"]})
-        tracker.log_metrics(
-            {
-                "train_items": manifest["splits"]["train"],
-                "val_items": manifest["splits"]["val"],
-                "num_classes": len(manifest["labels"]),
-            }
-        )
-        tracker.log_dict({k: v for k, v in manifest.items() if k != "items"}, "dataset/manifest_summary.json")
-    dataset.metadata.update(
-        {
-            "format": manifest["format"],
-            "labels": manifest["labels"],
-            "ignore_index": manifest["ignore_index"],
-            "splits": manifest["splits"],
-            "content_hash": manifest["content_hash"],
-        }
-    )
+    storage.configure(s3_endpoint or None)
+    source = DataSource(train_data_uri, val_data_uri or None, train_ann_uri or None, val_ann_uri or None,
+                        data_format, val_ratio)  # fmt: skip
+    options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment)
+    parent = start_parent_run(options, mlflow_run_name or "segcore pipeline", source.params())
+    options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, parent, "convert")
+    with parent_status(options):
+        manifest = convert_step(source, dataset.path, overwrite=True, tracking=options)
+    keys = ("format", "labels", "ignore_index", "splits", "label_source", "warnings")
+    dataset.metadata.update({k: manifest[k] for k in keys} | {"content_hash": manifest["content_hash"]})
     return namedtuple("Outputs", ["mlflow_parent_run_id"])(parent)
 
 

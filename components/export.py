@@ -17,27 +17,15 @@ def export(
 ):
     """OpenVINO IR (model.xml/.bin) taking uint8 RGB images of any size; input_size "" = the training size."""
     from components import common
-    from segcore.commands.demo_data import parse_size
-    from segcore.export import export_bundle
+    from segcore.steps import export_step
+    from segcore.tracking import parent_status
 
-    args = common.tracking_args(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id, "export")
-    size = parse_size(input_size) if input_size else None
-    with common.step_run(args, "export", bundle=model.path) as tracker:
-        report = export_bundle(model.path, ir.path, precision, size)
-        tracker.log_params({"precision": precision, "input_size": "x".join(map(str, report["input_size"]))})
-        tracker.log_metrics({"ir_mb": report["ir_bytes"] / 1e6})
-        tracker.log_artifacts(ir.path, "ir")
-    ir.metadata.update(
-        {
-            "framework": "openvino",
-            "format": "openvino-ir",
-            "precision": precision,
-            "template": report["template"],
-            "input_size": report["input_size"],
-            "labels": report["labels"],
-            "ir_mb": round(report["ir_bytes"] / 1e6, 3),
-        }
-    )
+    options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id, "export")
+    with parent_status(options):
+        report = export_step(model.path, ir.path, precision, common.size(input_size), tracking=options)
+    keys = ("precision", "template", "input_size", "labels", "latency_ms")
+    ir.metadata.update({"framework": "openvino", "format": "openvino-ir", **{k: report[k] for k in keys}})
+    ir.metadata["ir_mb"] = round(report["ir_bytes"] / 1e6, 3)
 
 
 def component(image: str = DEFAULT_IMAGE):

@@ -2,10 +2,9 @@
 
 Retries resume: with ``checkpoint_uri`` (an s3:// prefix, or a path on a volume: on a cluster
 the pod's own disk does not outlive it) the training writes its checkpoints to
-``<checkpoint_uri>/train-<key>`` after every epoch and always runs with ``--resume``, so a retried
-attempt continues from the last finished epoch. ``<key>`` hashes the dataset content and the
-training settings: the same inputs find the same checkpoints, other inputs never do, and a
-finished training found there is reused as it is.
+``<checkpoint_uri>/train-<key>`` after every epoch and always resumes, so a retried attempt
+continues from the last finished epoch; a finished training found there is reused as it is
+(``segcore.steps.train_resumable``).
 """
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -31,58 +30,23 @@ def train(
     mlflow_parent_run_id: str = "",
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri."""
-    import logging
-    import shutil
-    from pathlib import Path
-
     from components import common
     from segcore import storage
+    from segcore.steps import TrainOptions, train_resumable
+    from segcore.tracking import parent_status
 
-    log = logging.getLogger("segcore.components")
-    manifest = common.read_json(f"{dataset.path}/manifest.json")
-    size = common.size_flag(input_size)
-    settings = {"epochs": epochs, "batch_size": batch_size, "input_size": size, "lr": lr}
-    argv = ["train", template, "--train-data-root", dataset.path, "--resume"]
-    argv += common.flags(
-        {
-            "--epochs": epochs,
-            "--batch-size": batch_size,
-            "--input-size": size,
-            "--lr": lr,
-            "--num-workers": str(num_workers),
-            "--s3-endpoint": s3_endpoint,
-        }
-    )
-    argv += common.tracking_flags(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
-    args = common.tracking_args(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     storage.configure(s3_endpoint or None)
-    with common.failure_marks_parent(args):
-        if checkpoint_uri:  # s3:// (or a path on a volume that outlives the pod)
-            output = common.checkpoint_prefix(checkpoint_uri, manifest["content_hash"], template, settings)
-            remote = storage.is_s3(output)
-            if storage.exists(f"{output}/model.json") if remote else Path(output, "model.json").is_file():
-                log.info("%s holds this training, finished: reusing it", output)
-            else:
-                common.run_cli(argv + ["--output", output])
-            if remote:
-                storage.download(output, model.path)
-            else:
-                shutil.copytree(output, model.path, dirs_exist_ok=True)
-        else:
-            output = model.path
-            common.run_cli(argv + ["--output", output])
-    meta = common.read_json(f"{model.path}/model.json")
-    model.metadata.update(
-        {
-            "framework": "pytorch",
-            "format": "segcore-bundle",
-            "template": meta["template"],
-            "labels": meta["labels"],
-            "input_size": meta["input_size"],
-            "best_val_mean_dice": meta["best_val_mdice"],
-            "checkpoints": storage.display(output, output),
-        }
-    )
+    size = common.size(input_size)
+    options = TrainOptions(epochs or None, batch_size or None, size, lr or None, num_workers=num_workers)
+    key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
+    tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
+    with parent_status(tracking_options):
+        meta, checkpoints = train_resumable(
+            template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options
+        )
+    keys = ("template", "labels", "input_size")
+    model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})
+    model.metadata.update(best_val_mean_dice=meta["best_val_mdice"], checkpoints=checkpoints)
     metrics.log_metric("best_val_mean_dice", float(meta["best_val_mdice"]))
     metrics.log_metric("best_epoch", int(meta["best_epoch"]))
     metrics.log_metric("epochs_run", int(meta["epochs_run"]))

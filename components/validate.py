@@ -26,81 +26,35 @@ def validate(
 ) -> NamedTuple("Outputs", [("mean_dice", float), ("mean_iou", float)]):
     """Dice and IoU (mean and per class) on the dataset's val split, each image at its own size.
 
-    label names the model in metric names ("fp32", "int8"); min_dice > 0 fails the step below it
-    (a quality gate before export); finish_pipeline_run: this is the last step (it marks the
+    label names the model in the run and the parent's metrics ("fp32", "int8"); min_dice > 0 fails
+    the step below it (a quality gate); finish_pipeline_run: this is the last step (it marks the
     MLflow parent run finished)."""
     from collections import namedtuple
-    from pathlib import Path
 
     from components import common
-    from segcore.data.convert import load_manifest
-    from segcore.data.dataset import read_mask, read_rgb
-    from segcore.inference import load_predictor, score
-    from segcore.tracking import log_segmentation_report
+    from segcore.steps import evaluate_step
+    from segcore.tracking import parent_status, update_parent
 
-    args = common.tracking_args(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id, "validate")
-    args.run_name = f"validate {label}"
-    bundle = model.path if Path(model.path, "tracking.json").is_file() else None
-    with common.step_run(args, "validate", bundle=bundle, tags={"segcore.model": label}) as tracker:
-        predictor = load_predictor(model.path)
-        manifest = load_manifest(dataset.path)
-        if manifest["labels"] != predictor.labels:
-            raise ValueError(f"dataset labels {manifest['labels']} differ from the model's {predictor.labels}")
-        scores = score(predictor, dataset.path, "val")
-        items = manifest["items"]["val"]
-        images = [read_rgb(Path(dataset.path, item["image"])) for item in items[:8]]
-        latency = common.measure_latency(predictor.predict, images)
-        panels = []
-        for item, image in zip(items[:num_overlays], images, strict=False):
-            truth = read_mask(Path(dataset.path, item["mask"]))
-            panel = common.overlay_panel(
-                image, truth, predictor.predict(image), predictor.meta["colors"], manifest["ignore_index"]
-            )
-            panels.append((item["id"], common.png_base64(panel)))
-
-        per_class = {name: s["dice"] for name, s in scores["per_class"].items()}
-        summary = {
-            "mean_dice": scores["mdice"],
-            "mean_iou": scores["miou"],
-            "latency_ms": round(latency, 3),
-            "num_images": scores["num_images"],
-        }
-        metrics.log_metric("mean_dice", float(scores["mdice"]))
-        metrics.log_metric("mean_iou", float(scores["miou"]))
-        metrics.log_metric("latency_ms", round(float(latency), 3))
-        metrics.log_metric("num_images", int(scores["num_images"]))
-        for name, dice in per_class.items():
-            if dice is not None:
-                metrics.log_metric(f"dice_{name}", float(dice))
-        confusion_matrix.log_confusion_matrix(
-            list(predictor.labels), [[int(v) for v in row] for row in scores["confusion_matrix"]]
+    options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
+    with parent_status(options):
+        scores = evaluate_step(
+            model.path, dataset.path, split="val", html=report.path, overlays=num_overlays,
+            run_name=f"validate {label}", tags={"segcore.model": label}, tracking=options,
+        )  # fmt: skip
+        update_parent(
+            options, metrics={f"{label}_val_dice": scores["mdice"], f"{label}_latency_ms": scores["latency_ms"]}
         )
-        title = f"{label.upper()} model: mean Dice {scores['mdice']:.4f} on {scores['num_images']} val images"
-        info = {
-            "model": label,
-            "template": predictor.meta.get("template"),
-            "precision": predictor.meta.get("precision", "FP32"),
-            **summary,
-        }
-        Path(report.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(report.path).write_text(common.html_report(title, scores, info, panels, predictor.meta["colors"]))
-
-        tracker.log_params({"model": label, "model_path": model.uri, "min_dice": min_dice})
-        tracker.log_metrics(
-            {
-                "val_dice": scores["mdice"],
-                "val_miou": scores["miou"],
-                "latency_ms": latency,
-                **{f"val_dice/{k}": v for k, v in per_class.items()},
-            }
-        )
-        tracker.log_artifact(report.path, "report")
-        log_segmentation_report(tracker, predictor, dataset.path, "val", scores=scores, prefix=label)
-        common.update_parent(args, metrics={f"{label}_val_dice": scores["mdice"], f"{label}_latency_ms": latency})
         if scores["mdice"] < min_dice:
             raise ValueError(f"mean Dice {scores['mdice']:.4f} is below the required {min_dice:.4f}")
+    summary = {"mean_dice": scores["mdice"], "mean_iou": scores["miou"], "latency_ms": scores["latency_ms"],
+               "num_images": scores["num_images"]}  # fmt: skip
+    summary.update({f"dice_{k}": v["dice"] for k, v in scores["per_class"].items() if v["dice"] is not None})
+    for name, value in summary.items():
+        metrics.log_metric(name, value)
+    labels = list(scores["per_class"])
+    confusion_matrix.log_confusion_matrix(labels, [[int(v) for v in row] for row in scores["confusion_matrix"]])
     if finish_pipeline_run:
-        common.update_parent(args, status="FINISHED")
+        update_parent(options, status="FINISHED")
     return namedtuple("Outputs", ["mean_dice", "mean_iou"])(float(scores["mdice"]), float(scores["miou"]))
 
 

@@ -1,7 +1,6 @@
 """Running the pipeline: a dry run of the whole DAG on this machine through ``kfp.local`` (every
 step a subprocess of this Python, no container), or a run on a Kubeflow cluster via ``kfp.Client``."""
 
-import argparse
 import logging
 import re
 import tempfile
@@ -10,21 +9,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.defaults import DEMO_DATA, LOCAL_DEFAULTS
 from pipelines.segmentation import PIPELINE_NAME, TASKS, Options, build, compile_pipeline
 from segcore.errors import SegcoreError
 
 log = logging.getLogger(__name__)
 
-# `segcore pipeline run --local` without flags: a run that takes a couple of minutes on 2 cores.
-LOCAL_DEFAULTS = {
-    "template": "Lite-HRNet-s-mod2",
-    "epochs": 2,
-    "batch_size": 4,
-    "input_size": "64x64",
-    "subset_size": 16,
-    "num_workers": 0,
-}
-DEMO_DATA = {"num_train": 24, "num_val": 6, "size": (64, 64), "num_classes": 4}
 DEMO_FOLDER = "demo-data"
 
 
@@ -45,17 +35,23 @@ class LocalRun:
 
 
 def demo_data(pipeline_root: Path) -> Path:
-    """A small generated dataset (plain layout) under the pipeline root, made once and reused."""
+    """A small generated dataset (plain layout) under the pipeline root, made once and reused while
+    DEMO_DATA stays the same (demo.json records what it was made with)."""
+    import json
+    import shutil
+
     from segcore.data.synthetic import generate
 
     target = pipeline_root / DEMO_FOLDER
-    if (target / "images").is_dir():
-        return target
+    recipe = json.dumps(DEMO_DATA)
+    if (target / "images").is_dir() and (target / "demo.json").is_file():
+        if (target / "demo.json").read_text() == recipe:
+            return target
     tmp = pipeline_root / f".{DEMO_FOLDER}.partial"
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     generate(tmp, "plain", **DEMO_DATA, seed=0)
+    (tmp / "demo.json").write_text(recipe)
+    shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     log.info("generated demo data in %s", target)
     return target
@@ -63,14 +59,14 @@ def demo_data(pipeline_root: Path) -> Path:
 
 def tracking_target(params: dict) -> tuple[str | None, str | None]:
     """The MLflow URI and experiment the steps will log to (None, None when tracking is off)."""
-    from segcore.tracking import settings_from
+    from segcore.tracking import TrackingOptions, settings_from
 
-    args = argparse.Namespace(
+    options = TrackingOptions(
         no_tracking=not params.get("tracking", True),
         tracking_uri=params.get("mlflow_tracking_uri") or None,
         experiment=params.get("mlflow_experiment") or None,
     )
-    settings = settings_from(args)
+    settings = settings_from(options)
     if settings is None:
         return None, None
     return settings.uri, settings.experiment_name

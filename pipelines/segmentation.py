@@ -73,22 +73,13 @@ class Options:
 
 def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
     """The pipeline (a kfp GraphComponent) with every step in ``options.image``."""
-    from kfp import dsl, kubernetes
+    from kfp import dsl
 
     from components import convert, export, quantize, train, validate
 
-    convert_op = convert.component(options.image)
-    train_op = train.component(options.image)
-    validate_op = validate.component(options.image)
-    export_op = export.component(options.image)
-    quantize_op = quantize.component(options.image)
-
-    def configure(task, step: str, name: str):
-        cpu, memory = RESOURCES[step]
-        task.set_display_name(name).set_cpu_request(cpu).set_memory_request(memory)
-        kubernetes.use_secret_as_env(task, options.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
-        kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
-        return task
+    ops = {
+        m.__name__.rsplit(".", 1)[1]: m.component(options.image) for m in (convert, train, validate, export, quantize)
+    }
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
     def segcore_pipeline(
@@ -145,94 +136,76 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             mlflow_experiment: MLflow experiment of the runs.
             mlflow_run_name: name of the MLflow parent run ("" = "segcore pipeline").
         """
-        mlflow = {
-            "tracking": tracking,
-            "mlflow_tracking_uri": mlflow_tracking_uri,
-            "mlflow_experiment": mlflow_experiment,
-        }
-        data = configure(
-            convert_op(
-                train_data_uri=train_data_uri,
-                val_data_uri=val_data_uri,
-                train_ann_uri=train_ann_uri,
-                val_ann_uri=val_ann_uri,
-                data_format=data_format,
-                val_ratio=val_ratio,
-                s3_endpoint=s3_endpoint,
-                mlflow_run_name=mlflow_run_name,
-                **mlflow,
-            ),
-            "convert",
-            "convert",
-        )
-        mlflow["mlflow_parent_run_id"] = data.outputs["mlflow_parent_run_id"]
-        dataset = data.outputs["dataset"]
-
-        trained = configure(
-            train_op(
-                template=template,
-                dataset=dataset,
-                epochs=epochs,
-                batch_size=batch_size,
-                input_size=input_size,
-                lr=lr,
-                num_workers=num_workers,
-                checkpoint_uri=checkpoint_uri,
-                s3_endpoint=s3_endpoint,
-                **mlflow,
-            ),
-            "train",
-            "train",
-        )
-        trained.set_retry(options.train_retries, backoff_duration="60s", backoff_factor=2.0)
-        kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
-        if options.train_accelerator:
-            trained.set_accelerator_type(options.train_accelerator)
-            trained.set_accelerator_limit(options.train_accelerator_count)
-
-        checked = configure(
-            validate_op(model=trained.outputs["model"], dataset=dataset, label="fp32", min_dice=min_dice, **mlflow),
-            "validate",
-            "validate FP32",
-        )
-        exported = configure(
-            export_op(model=trained.outputs["model"], precision=export_precision, **mlflow),
-            "export",
-            "export",
-        ).after(checked)
-        quantized = configure(
-            quantize_op(
-                template=template,
-                ir=exported.outputs["ir"],
-                model=trained.outputs["model"],
-                dataset=dataset,
-                mode=quantization_mode,
-                max_dice_drop=max_dice_drop,
-                subset_size=subset_size,
-                qat_epochs=qat_epochs,
-                num_workers=num_workers,
-                **mlflow,
-            ),
-            "quantize",
-            "quantize INT8",
-        )
-        kubernetes.empty_dir_mount(quantized, "dshm", "/dev/shm", medium="Memory")  # QAT's data loader
-        checked_int8 = configure(
-            validate_op(
-                model=quantized.outputs["int8_ir"],
-                dataset=dataset,
-                label="int8",
-                finish_pipeline_run=True,
-                **mlflow,
-            ),
-            "validate",
-            "validate INT8",
-        )
-        return PipelineOutputs(
-            checked.outputs["mean_dice"], checked_int8.outputs["mean_dice"], data.outputs["mlflow_parent_run_id"]
-        )
+        return _dag(ops, options, dict(locals()))
 
     return segcore_pipeline
+
+
+def _configure(task, options: Options, step: str, name: str):
+    """Display name, resource requests and the S3 / MLflow secrets as environment."""
+    from kfp import kubernetes
+
+    cpu, memory = RESOURCES[step]
+    task.set_display_name(name).set_cpu_request(cpu).set_memory_request(memory)
+    kubernetes.use_secret_as_env(task, options.s3_secret, {k: k for k in S3_SECRET_KEYS}, optional=True)
+    kubernetes.use_secret_as_env(task, options.mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True)
+    return task
+
+
+def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
+    """The tasks of one pipeline run, wired from the run parameters ``p`` (kfp channels)."""
+    mlflow = {k: p[k] for k in ("tracking", "mlflow_tracking_uri", "mlflow_experiment")}
+    data_keys = ("train_data_uri", "val_data_uri", "train_ann_uri", "val_ann_uri", "data_format", "val_ratio")
+    data = _configure(
+        ops["convert"](**{k: p[k] for k in (*data_keys, "s3_endpoint", "mlflow_run_name")}, **mlflow),
+        options, "convert", "convert",
+    )  # fmt: skip
+    mlflow["mlflow_parent_run_id"] = data.outputs["mlflow_parent_run_id"]
+    dataset = data.outputs["dataset"]
+    trained = _train_task(ops, options, p, dataset, mlflow)
+    model = trained.outputs["model"]
+    checked = _configure(
+        ops["validate"](model=model, dataset=dataset, label="fp32", min_dice=p["min_dice"], **mlflow),
+        options, "validate", "validate FP32",
+    )  # fmt: skip
+    exported = _configure(
+        ops["export"](model=model, precision=p["export_precision"], **mlflow), options, "export", "export"
+    ).after(checked)
+    quantized = _quantize_task(ops, options, p, exported.outputs["ir"], model, dataset, mlflow)
+    checked_int8 = _configure(
+        ops["validate"](model=quantized.outputs["int8_ir"], dataset=dataset, label="int8", finish_pipeline_run=True,
+                        **mlflow),
+        options, "validate", "validate INT8",
+    )  # fmt: skip
+    return PipelineOutputs(
+        checked.outputs["mean_dice"], checked_int8.outputs["mean_dice"], data.outputs["mlflow_parent_run_id"]
+    )
+
+
+def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict):
+    from kfp import kubernetes
+
+    keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri", "s3_endpoint")
+    trained = _configure(ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow), options, "train", "train")
+    trained.set_retry(options.train_retries, backoff_duration="60s", backoff_factor=2.0)
+    kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
+    if options.train_accelerator:
+        trained.set_accelerator_type(options.train_accelerator)
+        trained.set_accelerator_limit(options.train_accelerator_count)
+    return trained
+
+
+def _quantize_task(ops: dict, options: Options, p: dict, ir, model, dataset, mlflow: dict):
+    from kfp import kubernetes
+
+    task = ops["quantize"](
+        template=p["template"], ir=ir, model=model, dataset=dataset, mode=p["quantization_mode"],
+        max_dice_drop=p["max_dice_drop"], subset_size=p["subset_size"], qat_epochs=p["qat_epochs"],
+        num_workers=p["num_workers"], **mlflow,
+    )  # fmt: skip
+    quantized = _configure(task, options, "quantize", "quantize INT8")
+    kubernetes.empty_dir_mount(quantized, "dshm", "/dev/shm", medium="Memory")  # QAT's data loader
+    return quantized
 
 
 def compile_pipeline(path: str | Path, options: Options = Options()) -> Path:  # noqa: B008

@@ -11,11 +11,15 @@ import importlib
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 
 from segcore import __version__
 from segcore.errors import SegcoreError
 
-COMMANDS = ("convert", "demo_data", "templates", "train", "evaluate", "export", "optimize", "pipeline")
+COMMANDS = ("convert", "demo_data", "templates", "train", "evaluate", "export", "optimize")
+# More commands come from installed packages through this entry-point group (the Kubeflow
+# pipeline's `segcore pipeline`, in pipelines/cli.py): the core never imports the adapters above it.
+PLUGIN_GROUP = "segcore.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"segcore.commands.{name}").add_parser(sub)
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        entry.load().add_parser(sub)
     return parser
 
 

@@ -180,16 +180,15 @@ def export_bundle(
     bundle: str | Path, output: str | Path, precision: str = "FP32", input_size: tuple[int, int] | None = None
 ) -> dict:
     """Export a trained bundle to OUTPUT/model.xml; return a small report."""
-    from segcore.inference import TorchPredictor
+    from segcore.bundle import load_bundle
 
     check_new_output(Path(output))
-    predictor = TorchPredictor(bundle)
-    meta = dict(predictor.meta)
+    model, meta = load_bundle(bundle)
     if input_size:
         meta["input_size"] = list(input_size)
     meta["precision"] = precision
     meta["source_bundle"] = str(Path(bundle).resolve())
-    ov_model = to_openvino(predictor.model, meta)
+    ov_model = to_openvino(model, meta)
     report = {
         "template": meta["template"],
         "precision": precision,
@@ -201,25 +200,3 @@ def export_bundle(
     report["ir"] = str(xml)
     report["ir_bytes"] = ir_size(xml)
     return report
-
-
-def measure_latency(xml: str | Path, size: Sequence[int], runs: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of one synchronous inference of a uint8 image of ``size`` (H, W) on CPU
-    with the plugin's default settings (latency hint): a quick figure for reports, not a benchmark."""
-    import statistics
-    import time
-
-    import numpy as np
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    image = np.random.default_rng(0).integers(0, 256, (1, int(size[0]), int(size[1]), 3), dtype=np.uint8)
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        request.infer({0: image})
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -17,32 +16,12 @@ class TorchPredictor:
     """A model bundle (training output folder) in PyTorch eager mode."""
 
     def __init__(self, bundle: str | Path):
-        from segcore.models import create_model, get_template
-        from segcore.training import BUNDLE_META
+        from segcore.bundle import load_bundle
 
         self.path = Path(bundle)
-        meta_path = self.path / BUNDLE_META
-        if not meta_path.is_file():
-            if (self.path / "last.pt").is_file():
-                raise SegcoreError("training has not finished here (no model.json); resume it first", self.path)
-            raise SegcoreError("not a segcore model bundle (no model.json)", self.path)
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SegcoreError(f"unreadable bundle metadata ({exc})", meta_path) from None
-        weights = self.path / self.meta["weights"]
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise SegcoreError(f"cannot load weights ({' '.join(str(exc).split())[:200]})", weights) from None
+        self.model, self.meta = load_bundle(self.path)
         self.labels = list(self.meta["labels"])
         self.input_size = tuple(self.meta["input_size"])
-        self.model = create_model(get_template(self.meta["template"]), len(self.labels))
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise SegcoreError(f"weights do not fit {self.meta['template']} ({str(exc)[:160]})", weights) from None
-        self.model.eval()
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,7 +81,7 @@ def is_ir(path: str | Path) -> bool:
 
 def load_predictor(path: str | Path, **ov_options) -> TorchPredictor | OpenVINOPredictor:
     """A PyTorch bundle folder (model.json) or an OpenVINO IR (.xml or a folder with model.xml)."""
-    from segcore.training import BUNDLE_META
+    from segcore.bundle import BUNDLE_META
 
     path = Path(path)
     if is_ir(path) and not (path / BUNDLE_META).is_file():
@@ -111,25 +90,10 @@ def load_predictor(path: str | Path, **ov_options) -> TorchPredictor | OpenVINOP
 
 
 def score(predictor, dataset_root: str | Path, split: str, progress: bool = False) -> dict:
-    """Dice/IoU of ``predictor.predict`` on a split of a canonical dataset, each image at its own size."""
-    from tqdm import tqdm
+    """Dice/IoU of ``predictor.predict`` on a split of a canonical dataset (``segcore.scoring``)."""
+    from segcore.scoring import score_split
 
-    from segcore.data.convert import load_manifest
-    from segcore.data.dataset import read_mask, read_rgb
-    from segcore.metrics import ConfusionMatrix
-
-    root = Path(dataset_root)
-    manifest = load_manifest(root)
-    items = manifest["items"].get(split, [])
-    if not items:
-        raise SegcoreError(f"split '{split}' is empty", root)
-    cm = ConfusionMatrix(len(predictor.labels), manifest["ignore_index"])
-    for item in tqdm(items, desc="eval", disable=not progress, leave=False):
-        cm.update(predictor.predict(read_rgb(root / item["image"])), read_mask(root / item["mask"]))
-    scores = cm.scores(predictor.labels)
-    scores["num_images"] = len(items)
-    scores["confusion_matrix"] = cm.matrix.tolist()
-    return scores
+    return score_split(predictor, dataset_root, split, progress)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5) -> np.ndarray:

@@ -31,7 +31,6 @@ from segcore.errors import SegcoreError
 from segcore.export import (
     check_new_output,
     ir_size,
-    measure_latency,
     read_ir,
     read_meta,
     set_model_info,
@@ -105,12 +104,9 @@ def count_ops(ov_model, *types: str) -> dict[str, int]:
 
 
 def _items(dataset_root: Path, split: str) -> list[tuple[Path, Path]]:
-    from segcore.data.convert import load_manifest
+    from segcore.scoring import split_items
 
-    items = load_manifest(dataset_root)["items"].get(split, [])
-    if not items:
-        raise SegcoreError(f"split '{split}' is empty", dataset_root)
-    return [(dataset_root / it["image"], dataset_root / it["mask"]) for it in items]
+    return split_items(dataset_root, split)
 
 
 def calibration_sample(items: list, size: int, seed: int = 0) -> list:
@@ -123,13 +119,9 @@ def calibration_sample(items: list, size: int, seed: int = 0) -> list:
 
 def dice_of(predict, items: list[tuple[Path, Path]], labels: list[str], ignore_index: int) -> float:
     """Mean Dice of ``predict(image) -> mask`` over (image, mask) file pairs."""
-    from segcore.data.dataset import read_mask, read_rgb
-    from segcore.metrics import ConfusionMatrix
+    from segcore.scoring import score_items
 
-    cm = ConfusionMatrix(len(labels), ignore_index)
-    for image, mask in items:
-        cm.update(predict(read_rgb(image)), read_mask(mask))
-    return cm.scores(labels)["mdice"]
+    return score_items(predict, items, labels, ignore_index)["mdice"]
 
 
 def quantize_ir(
@@ -249,6 +241,67 @@ def quantization_aware_training(
     return model, meta
 
 
+def _check_request(model_path: Path, mode: str | None, max_dice_drop: float | None, output: Path) -> tuple[str, bool]:
+    """(mode, whether the source is an IR), or a SegcoreError before any work."""
+    from segcore.bundle import BUNDLE_META
+    from segcore.inference import is_ir
+
+    source_is_ir = is_ir(model_path) and not (model_path / BUNDLE_META).is_file()
+    mode = mode or ("ptq" if source_is_ir else "qat")
+    if mode not in ("ptq", "qat"):
+        raise SegcoreError(f"unknown mode {mode!r} (choose ptq or qat)")
+    if mode == "qat" and source_is_ir:
+        raise SegcoreError(
+            "quantization-aware training needs a PyTorch bundle (training output), not an IR", model_path
+        )
+    if max_dice_drop is not None and mode == "qat":
+        raise SegcoreError("--max-dice-drop applies to --mode ptq (QAT fine-tunes instead)")
+    check_new_output(output)
+    return mode, source_is_ir
+
+
+def _fp32_ir(model_path: Path, source_is_ir: bool, input_size, work: Path):
+    """(FP32 ov.Model, its xml, metadata) of an IR, or of a bundle exported into ``work``."""
+    if source_is_ir:
+        fp32_model, xml = read_ir(model_path)
+        return fp32_model, xml, read_meta(fp32_model, xml)
+    from segcore.bundle import load_bundle
+
+    model, meta = load_bundle(model_path)
+    if input_size:
+        meta["input_size"] = list(input_size)
+    fp32_model = to_openvino(model, meta)
+    return fp32_model, write_ir(fp32_model, work / "fp32"), meta
+
+
+def _check_fit(meta: dict, template, dataset_root: Path, model_path: Path) -> None:
+    from segcore.data.convert import load_manifest
+
+    if meta["template"] != template.id:
+        raise SegcoreError(f"is a {meta['template']} model, not {template.id}", model_path)
+    labels = load_manifest(dataset_root)["labels"]
+    if labels != meta["labels"]:
+        raise SegcoreError(f"labels {labels} differ from the model's {meta['labels']}", dataset_root)
+
+
+def _latency(xml: Path, items: list[tuple[Path, Path]]) -> float:
+    from segcore.data.dataset import read_rgb
+    from segcore.inference import OpenVINOPredictor
+    from segcore.scoring import measure_latency
+
+    return measure_latency(OpenVINOPredictor(xml).predict, [read_rgb(image) for image, _ in items[:8]])
+
+
+def _publish(folder: Path, output: Path) -> None:
+    """Copy the finished IR folder to ``output`` under a temporary name, then rename it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():
+        output.rmdir()
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.copytree(folder, staging)
+    staging.rename(output)
+
+
 def optimize(
     model_path: str | Path,
     template: str,
@@ -267,110 +320,54 @@ def optimize(
     range_estimator: str = "quantile",
 ) -> dict:
     """Quantize MODEL (an IR: PTQ; a bundle: QAT, or PTQ of its FP32 export) -> OUTPUT/model.xml + report.json."""
-    from segcore.inference import OpenVINOPredictor, TorchPredictor, is_ir
+    from segcore.inference import OpenVINOPredictor
     from segcore.models import get_template
-    from segcore.training import BUNDLE_META
 
     started = time.perf_counter()
     _quiet_nncf()
     template = get_template(template)
     model_path, output, dataset_root = Path(model_path), Path(output), Path(dataset_root)
-    source_is_ir = is_ir(model_path) and not (model_path / BUNDLE_META).is_file()
-    mode = mode or ("ptq" if source_is_ir else "qat")
-    if mode not in ("ptq", "qat"):
-        raise SegcoreError(f"unknown mode {mode!r} (choose ptq or qat)")
-    if mode == "qat" and source_is_ir:
-        raise SegcoreError(
-            "quantization-aware training needs a PyTorch bundle (training output), not an IR", model_path
-        )
-    if max_dice_drop is not None and mode == "qat":
-        raise SegcoreError("--max-dice-drop applies to --mode ptq (QAT fine-tunes instead)")
-    check_new_output(output)
-
+    mode, source_is_ir = _check_request(model_path, mode, max_dice_drop, output)
     with tempfile.TemporaryDirectory(prefix="segcore-optimize-") as tmp:
         tmp = Path(tmp)
-        if source_is_ir:
-            fp32_model, xml = read_ir(model_path)
-            meta = read_meta(fp32_model, xml)
-        else:
-            source = TorchPredictor(model_path)
-            meta = dict(source.meta)
-            if input_size:
-                meta["input_size"] = list(input_size)
-            fp32_model = to_openvino(source.model, meta)
-            xml = write_ir(fp32_model, tmp / "fp32")
-        if meta["template"] != template.id:
-            raise SegcoreError(f"is a {meta['template']} model, not {template.id}", model_path)
-
-        from segcore.data.convert import load_manifest
-
-        manifest = load_manifest(dataset_root)
-        if manifest["labels"] != meta["labels"]:
-            raise SegcoreError(f"labels {manifest['labels']} differ from the model's {meta['labels']}", dataset_root)
-        val_items = _items(dataset_root, "val")
+        fp32_model, xml, meta = _fp32_ir(model_path, source_is_ir, input_size, tmp)
+        _check_fit(meta, template, dataset_root, model_path)
+        val_items, calibration = _items(dataset_root, "val"), min(subset_size, len(_items(dataset_root, "train")))
         dice_before = dice_of(OpenVINOPredictor(xml).predict, val_items, meta["labels"], meta["ignore_index"])
         log.info("FP32 IR: val mean Dice %.4f", dice_before)
-
         if mode == "ptq":
-            log.info(
-                "PTQ: %d calibration images, preset %s", min(subset_size, len(_items(dataset_root, "train"))), preset
-            )
+            log.info("PTQ: %d calibration images, preset %s", calibration, preset)
             int8_model = quantize_ir(
                 fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop, range_estimator=range_estimator
             )
             meta["ptq"] = {"calibration_images": subset_size, "preset": preset, "max_dice_drop": max_dice_drop}
         else:
             qat_model, meta = quantization_aware_training(
-                model_path,
-                dataset_root,
-                tmp / "qat",
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                subset_size=subset_size,
-                preset=preset,
-                num_workers=num_workers,
-                progress=progress,
+                model_path, dataset_root, tmp / "qat", epochs=epochs, lr=lr, batch_size=batch_size,
+                subset_size=subset_size, preset=preset, num_workers=num_workers, progress=progress,
                 range_estimator=range_estimator,
-            )
+            )  # fmt: skip
             if input_size:
                 meta["input_size"] = list(input_size)
             int8_model = to_openvino(qat_model, meta)
-        meta["precision"] = "INT8"
-        meta["quantization"] = mode
+        meta.update(precision="INT8", quantization=mode)
         set_model_info(int8_model, meta)
         int8_xml = write_ir(int8_model, tmp / "int8")
-        ops = count_ops(int8_model, "FakeQuantize")
         dice_after = dice_of(OpenVINOPredictor(int8_xml).predict, val_items, meta["labels"], meta["ignore_index"])
         log.info("INT8 IR: val mean Dice %.4f (FP32 %.4f)", dice_after, dice_before)
         report = {
-            "mode": mode,
-            "template": template.id,
-            "source": str(model_path),
-            "input_size": list(meta["input_size"]),
-            "preset": preset,
-            "range_estimator": range_estimator,
-            "calibration_images": min(subset_size, len(_items(dataset_root, "train"))),
-            "max_dice_drop": max_dice_drop,
-            "val_images": len(val_items),
-            "val_mdice_fp32": dice_before,
-            "val_mdice_int8": dice_after,
-            "dice_drop": dice_before - dice_after,
-            "fp32_ir_bytes": ir_size(xml),
-            "int8_ir_bytes": ir_size(int8_xml),
-            "fake_quantize_ops": ops["FakeQuantize"],
-            "latency_ms_fp32": measure_latency(xml, meta["input_size"]),
-            "latency_ms_int8": measure_latency(int8_xml, meta["input_size"]),
+            "mode": mode, "template": template.id, "source": str(model_path),
+            "input_size": list(meta["input_size"]), "preset": preset, "range_estimator": range_estimator,
+            "calibration_images": calibration, "max_dice_drop": max_dice_drop, "val_images": len(val_items),
+            "val_mdice_fp32": dice_before, "val_mdice_int8": dice_after, "dice_drop": dice_before - dice_after,
+            "fp32_ir_bytes": ir_size(xml), "int8_ir_bytes": ir_size(int8_xml),
+            "fake_quantize_ops": count_ops(int8_model, "FakeQuantize")["FakeQuantize"],
+            "latency_ms_fp32": _latency(xml, val_items), "latency_ms_int8": _latency(int8_xml, val_items),
             "seconds": round(time.perf_counter() - started, 1),
-        }
+        }  # fmt: skip
         if mode == "qat":
             report["qat"] = meta["qat"]
         (int8_xml.parent / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.exists():
-            output.rmdir()
-        staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-        shutil.copytree(int8_xml.parent, staging)
-        staging.rename(output)
+        _publish(int8_xml.parent, output)
     report["ir"] = str(output / "model.xml")
     return report

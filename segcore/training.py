@@ -27,70 +27,38 @@ import torch
 from torch.utils.data import DataLoader
 
 from segcore import __version__
+from segcore.bundle import BUNDLE_META
 from segcore.data.convert import load_manifest
 from segcore.data.dataset import EvalDataset, SegmentationDataset, collate_eval
 from segcore.data.transforms import MEAN, STD, AugmentConfig
 from segcore.errors import SegcoreError
 from segcore.losses import MaxPoolingCrossEntropy
-from segcore.metrics import ConfusionMatrix
 from segcore.models import create_model, get_template
+from segcore.models.templates import Recipe
 
 log = logging.getLogger(__name__)
 
-BUNDLE_META = "model.json"
+
 BEST = "best.pt"
 LAST = "last.pt"
 METRICS = "metrics.jsonl"
 
 
-@dataclass
-class TrainConfig:
-    template: str
-    epochs: int
-    batch_size: int
-    input_size: tuple[int, int]
-    lr: float
-    seed: int
+@dataclass(frozen=True)
+class TrainConfig(Recipe):
+    """One training: the template's recipe (``segcore.models.Recipe``, possibly overridden) plus
+    the run's own settings. Saved in the bundle (``training_config``) under these names."""
+
+    template: str = ""
     num_workers: int = 2
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 40.0
-    warmup_iters: int = 80
-    warmup_start_factor: float = 1 / 3
-    plateau_factor: float = 0.1
-    plateau_patience: int = 5
-    min_lr: float = 1e-6
-    early_stop_start_epoch: int = 3
-    early_stop_patience: int = 8
-    max_pooling_ratio: float = 0.25
-    max_pooling_p: float = 1.7
     time_budget_min: float | None = None  # stop before an epoch that would overrun this
-    augment: dict = field(default_factory=dict)
+    augment: dict = field(default_factory=dict)  # AugmentConfig overrides
 
     @classmethod
     def from_template(cls, template: str, **overrides) -> TrainConfig:
+        """The template's recipe with ``overrides`` (None values keep the recipe's)."""
         t = get_template(template)
-        d = t.training
-        values = dict(
-            template=t.id,
-            epochs=d.max_epochs,
-            batch_size=d.batch_size,
-            input_size=tuple(d.input_size),
-            lr=d.learning_rate,
-            seed=d.seed,
-            adam_eps=d.adam_eps,
-            weight_decay=d.weight_decay,
-            grad_clip_norm=d.grad_clip_norm,
-            warmup_iters=d.warmup_iters,
-            warmup_start_factor=d.warmup_start_factor,
-            plateau_factor=d.plateau_factor,
-            plateau_patience=d.plateau_patience,
-            min_lr=d.min_learning_rate,
-            early_stop_start_epoch=d.early_stop_start_epoch,
-            early_stop_patience=d.early_stop_patience,
-            max_pooling_ratio=d.max_pooling_ratio,
-            max_pooling_p=d.max_pooling_p,
-        )
+        values = {**asdict(t.training), "template": t.id}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["input_size"] = tuple(values["input_size"])
         return cls(**values)
@@ -203,6 +171,14 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
+def make_criterion(config: TrainConfig, ignore_index: int) -> torch.nn.Module:
+    if config.loss == "max_pooling":
+        return MaxPoolingCrossEntropy(ignore_index, config.max_pooling_ratio, config.max_pooling_p)
+    if config.loss == "cross_entropy":
+        return torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
+    raise SegcoreError(f"unknown loss {config.loss!r}; choose max_pooling or cross_entropy")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -224,21 +200,33 @@ def evaluate(
     each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR do)."""
     from tqdm import tqdm
 
+    from segcore.scoring import scores_of
+
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval)
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        if len({tuple(mask.shape) for mask in masks}) == 1:
-            logits = predict(images, size=tuple(masks[0].shape))
-        else:
-            logits = [
-                predict(image[None], size=tuple(mask.shape))[0] for image, mask in zip(images, masks, strict=True)
-            ]
-        for logit, mask in zip(logits, masks, strict=True):
-            cm.update(logit.argmax(0), mask)
-    scores = cm.scores(labels)
-    scores["num_images"] = len(dataset)
-    scores["confusion_matrix"] = cm.matrix.tolist()
-    return scores
+
+    def pairs():
+        for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
+            if len({tuple(mask.shape) for mask in masks}) == 1:
+                logits = predict(images, size=tuple(masks[0].shape))
+            else:
+                logits = [
+                    predict(image[None], size=tuple(mask.shape))[0] for image, mask in zip(images, masks, strict=True)
+                ]
+            yield from ((logit.argmax(0), mask) for logit, mask in zip(logits, masks, strict=True))
+
+    return scores_of(pairs(), labels, ignore_index, num_classes)
+
+
+@dataclass
+class _State:
+    """What a training carries from epoch to epoch (and what last.pt restores)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupPlateauLR
+    stopper: EarlyStopping
+    start_epoch: int = 1
+    train_seconds: float = 0.0
 
 
 def train(
@@ -257,27 +245,45 @@ def train(
     ``initial_model`` replaces the freshly built network (quantization-aware training passes a
     trained segmenter with fake-quantizers inserted).
     """
-    from tqdm import tqdm
-
     output = Path(output)
     manifest = load_manifest(dataset_root)
-    labels = manifest["labels"]
-    ignore_index = manifest["ignore_index"]
-    num_classes = len(labels)
-    template = get_template(config.template)
-    last_path = output / LAST
+    _refuse_existing(output, resume)
+    output.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    state = _initial_state(config, len(manifest["labels"]), load_weights, resume, output, initial_model)
+    if resume:
+        _restore(state, output, manifest, config)
+    criterion = make_criterion(config, manifest["ignore_index"])
+    augment = AugmentConfig(crop_size=config.input_size, ignore_index=manifest["ignore_index"], **config.augment)
+    train_set = SegmentationDataset(dataset_root, "train", augment, seed=config.seed)
+    val_set = EvalDataset(dataset_root, "val", config.input_size)
+    last_done = state.start_epoch - 1
+    for epoch in range(state.start_epoch, config.epochs + 1):
+        if _over_budget(config, state, epoch):
+            break
+        record, should_stop = _run_epoch(config, state, criterion, train_set, val_set, manifest, epoch, progress)
+        _save_epoch(state, record, output, manifest, config, should_stop)
+        last_done = epoch
+        if on_epoch:
+            on_epoch(record)
+        if should_stop:
+            log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
+            break
+    return _write_bundle(config, manifest, output, last_done, state.train_seconds)
 
+
+def _refuse_existing(output: Path, resume: bool) -> None:
     if (output / BUNDLE_META).exists() and not resume:
         raise SegcoreError("holds a finished training; choose a new --output", output)
-    if last_path.exists() and not resume:
+    if (output / LAST).exists() and not resume:
         raise SegcoreError(
             "holds an unfinished training; pass --resume to continue it or choose a new --output", output
         )
-    output.mkdir(parents=True, exist_ok=True)
 
-    seed_everything(config.seed)
-    model = initial_model if initial_model is not None else create_model(template, num_classes)
-    if load_weights and not (resume and last_path.exists()):
+
+def _initial_state(config, num_classes, load_weights, resume, output: Path, initial_model) -> _State:
+    model = initial_model if initial_model is not None else create_model(get_template(config.template), num_classes)
+    if load_weights and not (resume and (output / LAST).exists()):
         from segcore.models import load_backbone_weights
 
         load_backbone_weights(model, load_weights)
@@ -285,145 +291,149 @@ def train(
         model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
     )
     scheduler = WarmupPlateauLR(
-        optimizer,
-        config.lr,
-        config.warmup_iters,
-        config.warmup_start_factor,
-        config.plateau_factor,
-        config.plateau_patience,
-        config.min_lr,
-    )
+        optimizer, config.lr, config.warmup_iters, config.warmup_start_factor,
+        config.plateau_factor, config.plateau_patience, config.min_lr,
+    )  # fmt: skip
     stopper = EarlyStopping(config.early_stop_start_epoch, config.early_stop_patience)
-    criterion = MaxPoolingCrossEntropy(ignore_index, config.max_pooling_ratio, config.max_pooling_p)
-    start_epoch = 1
-    train_seconds = 0.0
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state["dataset_hash"] != manifest["content_hash"]:
-            raise SegcoreError("the dataset changed since this training started; use a new --output", output)
-        if state["template"] != template.id:
-            raise SegcoreError(f"was trained with {state['template']}, not {template.id}", last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        _set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        train_seconds = state.get("train_seconds", 0.0)
-        log.info("resuming after epoch %d (best mean Dice %.4f)", state["epoch"], stopper.best)
-        if state.get("stopped"):
-            start_epoch = config.epochs + 1
-    elif resume:
+    return _State(model, optimizer, scheduler, stopper)
+
+
+def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -> None:
+    """Continue from OUTPUT/last.pt when there is one (a fresh start otherwise)."""
+    last_path = output / LAST
+    if not last_path.exists():
         log.info("nothing to resume in %s: starting from scratch", output)
         (output / METRICS).unlink(missing_ok=True)
+        return
+    saved = torch.load(last_path, map_location="cpu", weights_only=True)
+    if saved["dataset_hash"] != manifest["content_hash"]:
+        raise SegcoreError("the dataset changed since this training started; use a new --output", output)
+    if saved["template"] != get_template(config.template).id:
+        raise SegcoreError(f"was trained with {saved['template']}, not {config.template}", last_path)
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.stopper.load_state_dict(saved["early_stopping"])
+    _set_rng_state(saved["rng"])
+    state.start_epoch = config.epochs + 1 if saved.get("stopped") else saved["epoch"] + 1
+    state.train_seconds = saved.get("train_seconds", 0.0)
+    log.info("resuming after epoch %d (best mean Dice %.4f)", saved["epoch"], state.stopper.best)
 
-    augment = AugmentConfig(crop_size=config.input_size, ignore_index=ignore_index, **config.augment)
-    train_set = SegmentationDataset(dataset_root, "train", augment, seed=config.seed)
-    val_set = EvalDataset(dataset_root, "val", config.input_size)
+
+def _over_budget(config: TrainConfig, state: _State, epoch: int) -> bool:
+    """With a time budget: would one more epoch (as long as the average so far) overrun it?"""
+    if config.time_budget_min is None or epoch == 1:
+        return False
+    last_epoch_s = state.train_seconds / max(1, epoch - 1)
+    if state.train_seconds + last_epoch_s <= config.time_budget_min * 60:
+        return False
+    log.info("time budget of %.1f min reached after %d epochs", config.time_budget_min, epoch - 1)
+    return True
+
+
+def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: int) -> DataLoader:
     if len(train_set) < config.batch_size:
         log.warning("batch size %d > %d training items: using %d", config.batch_size, len(train_set), len(train_set))
-    batch_size = min(config.batch_size, len(train_set))
-    loader_args = dict(num_workers=config.num_workers, persistent_workers=False)
+    workers = dict(num_workers=config.num_workers, persistent_workers=False)
     if config.num_workers > 0:
-        loader_args["prefetch_factor"] = 2
+        workers["prefetch_factor"] = 2
+    train_set.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    batch_size = min(config.batch_size, len(train_set))
+    return DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **workers)
 
-    last_done = start_epoch - 1
-    for epoch in range(start_epoch, config.epochs + 1):
-        if config.time_budget_min is not None and epoch > 1:
-            last_epoch_s = train_seconds / max(1, epoch - 1)
-            if train_seconds + last_epoch_s > config.time_budget_min * 60:
-                log.info("time budget of %.1f min reached after %d epochs", config.time_budget_min, epoch - 1)
-                break
-        started = time.perf_counter()
-        train_set.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        loader = DataLoader(
-            train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **loader_args
-        )
-        model.train()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-        for images, masks in bar:
-            logits = model(images)
-            loss = criterion(logits, masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-            optimizer.step()
-            scheduler.step_iteration()
-            loss_sum += loss.item() * len(images)
-            seen += len(images)
-            rate = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.lr:.2e}", ips=f"{rate:.2f}")
-        bar.close()
-        train_time = time.perf_counter() - started
-        model.eval()
-        scores = evaluate(model, val_set, num_classes, ignore_index, labels, progress=progress)
-        epoch_time = time.perf_counter() - started
-        train_seconds += epoch_time
-        mdice = scores["mdice"]
-        improved = mdice > stopper.best
-        lr_used = scheduler.lr
-        should_stop = stopper.update(epoch, mdice)
-        scheduler.step_epoch(mdice)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "val_mdice": mdice,
-            "val_miou": scores["miou"],
-            "val_dice": {k: v["dice"] for k, v in scores["per_class"].items()},
-            "lr": lr_used,
-            "img_per_s": seen / train_time,
-            "epoch_seconds": epoch_time,
-            "best": improved,
-        }
-        if improved:
-            _save_atomic({"model": model.state_dict(), "epoch": epoch, "mdice": mdice}, output / BEST)
-        _save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "early_stopping": stopper.state_dict(),
-                "rng": _rng_state(),
-                "epoch": epoch,
-                "template": template.id,
-                "dataset_hash": manifest["content_hash"],
-                "train_seconds": train_seconds,
-                "stopped": should_stop,
-            },
-            last_path,
-        )
-        with open(output / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info(
-            "epoch %d: loss %.4f  val mDice %.4f  mIoU %.4f  lr %.2e  %.2f img/s  %.0fs%s",
-            epoch,
-            record["train_loss"],
-            mdice,
-            scores["miou"],
-            lr_used,
-            record["img_per_s"],
-            epoch_time,
-            "  (best)" if improved else "",
-        )
-        last_done = epoch
-        if on_epoch:
-            on_epoch(record)
-        if should_stop:
-            log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
-            break
 
+def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: int, progress: bool) -> tuple:
+    """One pass over the training split: (mean loss, images seen)."""
+    from tqdm import tqdm
+
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
+    model.train()
+    loss_sum, seen, started = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+    for images, masks in bar:
+        loss = criterion(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        scheduler.step_iteration()
+        loss_sum += loss.item() * len(images)
+        seen += len(images)
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.lr:.2e}", ips=f"{rate:.2f}")
+    bar.close()
+    return loss_sum / max(seen, 1), seen
+
+
+def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, epoch, progress) -> tuple[dict, bool]:
+    """Train one epoch, validate, step the schedulers; (the metrics record, whether to stop)."""
+    started = time.perf_counter()
+    loss, seen = _train_pass(config, state, criterion, _train_loader(config, train_set, epoch), epoch, progress)
+    train_time = time.perf_counter() - started
+    state.model.eval()
+    labels = manifest["labels"]
+    scores = evaluate(state.model, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
+    epoch_time = time.perf_counter() - started
+    state.train_seconds += epoch_time
+    mdice = scores["mdice"]
+    improved = mdice > state.stopper.best
+    lr_used = state.scheduler.lr
+    should_stop = state.stopper.update(epoch, mdice)
+    state.scheduler.step_epoch(mdice)
+    record = {
+        "epoch": epoch,
+        "train_loss": loss,
+        "val_mdice": mdice,
+        "val_miou": scores["miou"],
+        "val_dice": {k: v["dice"] for k, v in scores["per_class"].items()},
+        "lr": lr_used,
+        "img_per_s": seen / train_time,
+        "epoch_seconds": epoch_time,
+        "best": improved,
+    }
+    log.info(
+        "epoch %d: loss %.4f  val mDice %.4f  mIoU %.4f  lr %.2e  %.2f img/s  %.0fs%s",
+        epoch, loss, mdice, scores["miou"], lr_used, record["img_per_s"], epoch_time, "  (best)" if improved else "",
+    )  # fmt: skip
+    return record, should_stop
+
+
+def _save_epoch(state: _State, record: dict, output: Path, manifest: dict, config, stopped: bool) -> None:
+    """best.pt when the epoch improved, last.pt (the resume point), a metrics.jsonl line."""
+    if record["best"]:
+        _save_atomic({"model": state.model.state_dict(), "epoch": record["epoch"], "mdice": record["val_mdice"]},
+                     output / BEST)  # fmt: skip
+    checkpoint = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "early_stopping": state.stopper.state_dict(),
+        "rng": _rng_state(),
+        "epoch": record["epoch"],
+        "template": get_template(config.template).id,
+        "dataset_hash": manifest["content_hash"],
+        "train_seconds": state.train_seconds,
+        "stopped": stopped,
+    }
+    _save_atomic(checkpoint, output / LAST)
+    with open(output / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: int, train_seconds: float) -> dict:
+    """model.json, written last: its presence means the training finished."""
     if not (output / BEST).exists():
         raise SegcoreError("training ended before any epoch finished", output)
     best = torch.load(output / BEST, map_location="cpu", weights_only=True)
+    template = get_template(config.template)
     meta = {
         "segcore_version": __version__,
         "template": template.id,
         "template_name": template.name,
-        "labels": labels,
+        "labels": manifest["labels"],
         "colors": manifest["colors"],
-        "ignore_index": ignore_index,
+        "ignore_index": manifest["ignore_index"],
         "input_size": list(config.input_size),
         "mean": list(MEAN),
         "std": list(STD),

@@ -11,6 +11,16 @@ import pytest
 from servers import MlflowServer, SeaweedS3
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are opt-in: they run with ``-m slow`` only."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_segcore(tmp_path_factory):
     """Session-wide, so module-scoped fixtures that train (before any function fixture) see it too."""

@@ -59,7 +59,12 @@ def images(tmp_path_factory) -> list[np.ndarray]:
     return [read_rgb(p) for p in sorted((gen.root / "images" / "train").iterdir())]
 
 
-@pytest.mark.parametrize("template", TEMPLATES, ids=[t.name for t in TEMPLATES])
+# The smallest template by default; the others (about 25 s each) under -m slow. Every template's
+# layers are converted in the default run too, at reduced depth (test_models.test_openvino_conversion).
+EXPORTED = [pytest.param(t, id=t.name, marks=() if t is TEMPLATES[0] else pytest.mark.slow) for t in TEMPLATES]
+
+
+@pytest.mark.parametrize("template", EXPORTED)
 def test_every_template_exports_and_the_ir_predicts_like_pytorch(template, tmp_path, images):
     bundle = _write_bundle(tmp_path / "bundle", template, ["a", "b", "c", "d", "e"])
     assert main(["export", str(bundle), "--output", str(tmp_path / "ir")]) == 0

@@ -137,8 +137,8 @@ def test_templates_are_immutable_and_carry_training_defaults():
         template.name = "other"  # type: ignore[misc]
     training = template.training
     assert training.input_size == (512, 512) and training.batch_size == 8
-    assert (training.learning_rate, training.adam_eps, training.weight_decay) == (1e-3, 1e-8, 0.0)
-    assert (training.warmup_iters, training.max_epochs, training.grad_clip_norm) == (80, 300, 40.0)
+    assert (training.lr, training.adam_eps, training.weight_decay) == (1e-3, 1e-8, 0.0)
+    assert (training.warmup_iters, training.epochs, training.grad_clip_norm) == (80, 300, 40.0)
     assert template.head.aggregator_min_channels == 60
 
 

@@ -5,7 +5,9 @@ the API call intercepted."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import io
 import json
 import os
 import threading
@@ -136,9 +138,10 @@ def test_every_step_runs_the_image_with_resources_and_train_retries(compiled):
     assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
     assert all("retryPolicy" not in task for name, task in dag.items() if name != "train")
     assert all(task["cachingOptions"]["enableCache"] for task in dag.values())
-    # a retried training resumes: the component always passes --resume and takes an s3:// prefix
+    # a retried training resumes: the component trains through train_resumable (always resuming,
+    # from the checkpoint prefix; see test_retried_training_resumes_from_s3_checkpoints)
     train_source = executors["exec-train"]["container"]["command"][-1]
-    assert '"--resume"' in train_source and "checkpoint_uri" in train_source
+    assert "train_resumable(" in train_source and "checkpoint_uri" in train_source
 
 
 def test_credentials_come_from_secrets_and_never_appear_in_the_yaml(compiled):
@@ -319,6 +322,10 @@ def test_validate_component_gates_on_min_dice(steps):
         )
 
 
+class PodDied(Exception):
+    """Stands for the pod being killed in the middle of a training."""
+
+
 def test_train_component_retry_resumes_from_s3_checkpoints(steps, s3_env, tmp_path, monkeypatch, caplog):
     """A training killed after epoch 1 of 2 is retried: the retry continues at epoch 2 from the
     checkpoints under checkpoint_uri; a later attempt finds the finished training and reuses it."""
@@ -332,7 +339,7 @@ def test_train_component_retry_resumes_from_s3_checkpoints(steps, s3_env, tmp_pa
         def hook(record):
             on_epoch(record)  # uploads the checkpoint of this epoch
             if record["epoch"] == 1:
-                raise KeyboardInterrupt  # the pod dies
+                raise PodDied  # the pod dies after the checkpoint of epoch 1 is uploaded
 
         return real(*args, on_epoch=hook, **kwargs)
 
@@ -346,7 +353,7 @@ def test_train_component_retry_resumes_from_s3_checkpoints(steps, s3_env, tmp_pa
         return model, metrics
 
     monkeypatch.setattr(segcore.training, "train", killed_after_epoch_1)
-    with pytest.raises(RuntimeError, match="segcore train failed"):
+    with pytest.raises(PodDied):
         attempt(1)
     monkeypatch.setattr(segcore.training, "train", real)
     manifest = json.loads((Path(steps.dataset.path) / "manifest.json").read_text())
@@ -379,40 +386,37 @@ def _mlflow_runs(uri: str, experiment: str) -> list:
     return client.search_runs([exp.experiment_id])
 
 
-def test_local_run_end_to_end_with_mlflow(raw, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SEGCORE_TRACKING", "on")
+MAIN_JOB_RESULT = "SEGCORE_MAIN_JOB_RESULT"
+
+
+@pytest.fixture(scope="module")
+def local_run(raw, tmp_path_factory):
+    """A whole local run of the DAG with MLflow: its --json result. CI runs the README's main job
+    once (with --json) and hands its result over in SEGCORE_MAIN_JOB_RESULT, so the DAG runs once
+    in CI; without it (a developer's `pytest`) the test runs a small DAG itself."""
+    given = os.environ.get(MAIN_JOB_RESULT)
+    if given:
+        return json.loads(Path(given).read_text())
+    tmp_path = tmp_path_factory.mktemp("local-run")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    root = tmp_path / "runs"
-    code = main(
-        [
-            "pipeline",
-            "run",
-            "--local",
-            "--pipeline-root",
-            str(root),
-            "--train-data-root",
-            str(raw),
-            "--epochs",
-            "1",
-            "--input-size",
-            "32x32",
-            "--batch-size",
-            "4",
-            "--subset-size",
-            "4",
-            "--tracking-uri",
-            uri,
-            "--experiment",
-            "pipeline-e2e",
-            "--json",
-        ]  # fmt: skip
-    )
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    result = json.loads(captured.out)
+    argv = ["pipeline", "run", "--local", "--pipeline-root", str(tmp_path / "runs"), "--train-data-root", str(raw),
+            "--epochs", "1", "--input-size", "32x32", "--batch-size", "4", "--subset-size", "4",
+            "--tracking-uri", uri, "--experiment", "pipeline-e2e", "--json"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setenv("SEGCORE_TRACKING", "on")
+        code = main(argv)
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert Path(result["pipeline_root"]).parent == tmp_path / "runs"
+    assert result["mlflow_tracking_uri"] == uri and result["mlflow_experiment"] == "pipeline-e2e"
+    return result
+
+
+def test_local_run_end_to_end_with_mlflow(local_run):
+    result = local_run
     assert set(result["tasks"]) == TASKS and set(result["tasks"].values()) == {"SUCCEEDED"}
     run_dir = Path(result["pipeline_root"])
-    assert run_dir.parent == root
+    uri, experiment = result["mlflow_tracking_uri"], result["mlflow_experiment"]
 
     def executor_output(task: str) -> dict:
         return json.loads((run_dir / task / "executor_output.json").read_text())
@@ -430,18 +434,18 @@ def test_local_run_end_to_end_with_mlflow(raw, tmp_path, monkeypatch, capsys):
     ] == pytest.approx(int8_dice, abs=1e-5)  # the INT8 IR that quantize wrote is the model validate-2 scored
     assert (run_dir / "validate-2" / "report").read_text().count("data:image/png;base64,") == 4
 
-    assert result["mlflow_tracking_uri"] == uri and result["mlflow_experiment"] == "pipeline-e2e"
-    runs = _mlflow_runs(uri, "pipeline-e2e")
+    runs = _mlflow_runs(uri, experiment)
     parent = next(r for r in runs if r.info.run_id == result["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["fp32_val_dice"] == pytest.approx(result["fp32_mean_dice"])
     assert parent.data.metrics["int8_val_dice"] == pytest.approx(result["int8_mean_dice"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     steps = sorted(r.data.tags["segcore.step"] for r in children)
-    assert steps == ["convert", "export", "quantize", "train", "validate", "validate"]
+    # the pipeline's validate and quantize tasks run the evaluate and optimize steps
+    assert steps == ["convert", "eval", "eval", "export", "optimize", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     int8_run = next(r for r in children if r.data.tags.get("segcore.model") == "int8")
-    assert int8_run.data.metrics["val_dice"] == pytest.approx(result["int8_mean_dice"])
+    assert int8_run.data.metrics["test_dice"] == pytest.approx(result["int8_mean_dice"])
 
 
 def test_local_run_failure_is_one_line_and_marks_the_mlflow_run_failed(tmp_path, monkeypatch, capsys):

@@ -50,34 +50,23 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--split-seed", type=int, default=42, help="seed of that split (default 42)")
 
 
-def data_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``segcore.data.convert`` that the shared data flags set."""
-    return dict(
+def data_source(args: argparse.Namespace):
+    """The shared data flags as the steps' ``DataSource``."""
+    from segcore.steps import DataSource
+
+    return DataSource(
+        train_root=args.train_data_root,
         val_root=args.val_data_root,
         train_ann=args.train_ann_files,
         val_ann=args.val_ann_files,
         fmt=args.format,
         val_ratio=args.val_ratio,
-        seed=args.split_seed,
+        split_seed=args.split_seed,
     )
 
 
-DATA_PATHS = ("train_data_root", "val_data_root", "train_ann_files", "val_ann_files")
-
-
-def localize_data(args: argparse.Namespace, names=DATA_PATHS) -> argparse.Namespace:
-    """A copy of ``args`` whose s3:// data paths point at local copies (downloaded into the cache)."""
-    from segcore.storage import local_input
-
-    local = argparse.Namespace(**vars(args))
-    for name in names:
-        value = getattr(args, name, None)
-        if value:
-            setattr(local, name, str(local_input(value)))
-    return local
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.commands.options import add_tracking_arguments
     from segcore.storage import add_storage_arguments
 
     p = sub.add_parser(
@@ -98,6 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (after success)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: 2 x CPUs, max 8)")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    add_tracking_arguments(p)
     add_storage_arguments(p)
     p.set_defaults(func=run)
 
@@ -105,32 +95,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcore import storage
     from segcore.cli import quiet
-    from segcore.data.convert import convert
+    from segcore.commands.options import tracking_options
+    from segcore.steps import convert_step
 
     storage.configure_from_args(args)
-    with storage.local_output(args.output, overwrite=args.overwrite) as output:
-        local = localize_data(args)
-        manifest = convert(
-            local.train_data_root,
-            output,
-            **data_kwargs(local),
-            skip_invalid=args.skip_invalid,
-            overwrite=args.overwrite,
-            workers=args.workers,
-            progress=not quiet() and sys.stderr.isatty(),
-        )
-    manifest["output"] = storage.display(args.output, manifest["output"])
-    summary = {
-        "format": manifest["format"],
-        "labels": manifest["labels"],
-        "ignore_index": manifest["ignore_index"],
-        "splits": manifest["splits"],
-        "label_source": manifest["label_source"],
-        "warnings": manifest["warnings"],
-        "output": manifest["output"],
-    }
+    manifest = convert_step(
+        data_source(args),
+        args.output,
+        skip_invalid=args.skip_invalid,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        progress=not quiet() and sys.stderr.isatty(),
+        tracking=tracking_options(args),
+    )
+    keys = ("format", "labels", "ignore_index", "splits", "label_source", "warnings", "output")
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({k: manifest[k] for k in keys}))
     else:
         s = manifest["splits"]
         print(

@@ -7,19 +7,7 @@ import shutil
 from pathlib import Path
 
 from segcore.errors import SegcoreError
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' (or a single number for a square) -> (height, width)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 360x480, got {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 8:
-        raise argparse.ArgumentTypeError(f"size must be HxW with sides >= 8, got {text!r}")
-    return parts[0], parts[1]
+from segcore.sizes import parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

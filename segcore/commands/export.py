@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from segcore.commands.demo_data import parse_size
+from segcore.sizes import parse_size
 
 EPILOG = """\
-The IR takes uint8 RGB images (N x H x W x 3, any H and W) and returns class probabilities at the
+The IR takes one uint8 RGB image (1 x H x W x 3, any H and W) and returns class probabilities at the
 image's own size: resizing and normalisation are inside the graph, and rt_info 'model_info' holds
 the labels and settings OpenVINO's Model API reads. argmax over axis 1 gives the mask.
 
@@ -20,8 +19,8 @@ example:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.commands.options import add_tracking_arguments
     from segcore.storage import add_storage_arguments
-    from segcore.tracking import add_tracking_arguments
 
     p = sub.add_parser(
         "export",
@@ -47,33 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segcore import storage
-    from segcore.export import IR_NAME, check_new_output, export_bundle, measure_latency
-    from segcore.tracking import check_tracking, redact, tracking_run
+    from segcore.commands.options import tracking_options
+    from segcore.steps import export_step
 
     storage.configure_from_args(args)
-    if not storage.is_s3(args.output):
-        check_new_output(Path(args.output))
-    check_tracking(args)
-    bundle = storage.local_model(args.model)
-    with (
-        storage.local_output(args.output) as output,
-        tracking_run(args, "export", run_name=f"export {args.precision}", bundle=bundle) as tracker,
-    ):
-        report = export_bundle(bundle, output, args.precision, args.input_size)
-        report["source"] = args.model
-        report["latency_ms"] = measure_latency(report["ir"], report["input_size"])
-        tracker.log_params(
-            {
-                "model": redact(args.model),
-                "precision": args.precision,
-                "input_size": "x".join(map(str, report["input_size"])),
-            }
-        )
-        tracker.log_metrics({"ir_mb": report["ir_bytes"] / 1e6, "latency_ms": report["latency_ms"]})
-        tracker.log_artifact(output / "export.json")
-        tracker.write_run_file(output)
-        if storage.is_s3(args.output):
-            report["ir"] = f"{args.output.rstrip('/')}/{IR_NAME}"
+    report = export_step(args.model, args.output, args.precision, args.input_size, tracking=tracking_options(args))
     if args.json:
         print(json.dumps(report))
     else:

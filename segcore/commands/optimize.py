@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import tempfile
-from pathlib import Path
 
-from segcore.commands.convert import add_data_arguments, data_kwargs, localize_data
-from segcore.commands.demo_data import parse_size
+from segcore.commands.convert import add_data_arguments, data_source
+from segcore.sizes import parse_size
 
 EPILOG = """\
 MODEL decides the method unless --mode says otherwise:
@@ -28,8 +25,8 @@ examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from segcore.commands.options import add_tracking_arguments
     from segcore.storage import add_storage_arguments
-    from segcore.tracking import add_tracking_arguments
 
     p = sub.add_parser(
         "optimize",
@@ -72,81 +69,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcore import storage
     from segcore.cli import quiet
-    from segcore.data.convert import MANIFEST, convert
-    from segcore.errors import SegcoreError
-    from segcore.export import IR_NAME, check_new_output
-    from segcore.optimize import optimize
-    from segcore.tracking import check_tracking, redact, tracking_run
+    from segcore.commands.options import tracking_options
+    from segcore.steps import QuantizeOptions, optimize_step
 
-    if args.subset_size < 1:
-        raise SegcoreError("--subset-size must be at least 1")
     storage.configure_from_args(args)
-    if not storage.is_s3(args.output):
-        check_new_output(Path(args.output))
-    check_tracking(args)
-    model = storage.local_model(args.load_weights)
-    local = localize_data(args)
-    # NNCF draws its progress bars on stdout; keep stdout for the result (--json).
-    with (
-        tempfile.TemporaryDirectory(prefix="segcore-optimize-data-") as tmp,
-        contextlib.redirect_stdout(sys.stderr),
-        storage.local_output(args.output) as output,
-        tracking_run(
-            args,
-            "optimize",
-            run_name=f"optimize {args.mode or 'auto'}",
-            bundle=model.parent if model.suffix.lower() == ".xml" else model,
-        ) as tracker,
-    ):
-        root = Path(local.train_data_root)
-        if not (root / MANIFEST).is_file():
-            convert(root, Path(tmp) / "dataset", **data_kwargs(local))
-            root = Path(tmp) / "dataset"
-        report = optimize(
-            model,
-            args.template,
-            root,
-            output,
-            mode=args.mode,
-            max_dice_drop=args.max_dice_drop,
-            subset_size=args.subset_size,
-            preset=args.preset,
-            range_estimator=args.range_estimator,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            input_size=args.input_size,
-            num_workers=args.num_workers,
-            progress=not quiet() and sys.stderr.isatty(),
-        )
-        report["source"] = args.load_weights
-        tracker.log_params(
-            {
-                "model": redact(args.load_weights),
-                "template": report["template"],
-                "mode": report["mode"],
-                "preset": report["preset"],
-                "range_estimator": report["range_estimator"],
-                "calibration_images": report["calibration_images"],
-                "max_dice_drop": report["max_dice_drop"],
-                "train_data": redact(args.train_data_root),
-            }
-        )
-        tracker.log_metrics(
-            {
-                "val_dice_fp32": report["val_mdice_fp32"],
-                "val_dice_int8": report["val_mdice_int8"],
-                "dice_drop": report["dice_drop"],
-                "fp32_ir_mb": report["fp32_ir_bytes"] / 1e6,
-                "int8_ir_mb": report["int8_ir_bytes"] / 1e6,
-                "latency_ms_fp32": report["latency_ms_fp32"],
-                "latency_ms_int8": report["latency_ms_int8"],
-            }
-        )
-        tracker.log_artifact(output / "report.json")
-        tracker.write_run_file(output)
-        if storage.is_s3(args.output):
-            report["ir"] = f"{args.output.rstrip('/')}/{IR_NAME}"
+    options = QuantizeOptions(
+        mode=args.mode,
+        max_dice_drop=args.max_dice_drop,
+        subset_size=args.subset_size,
+        preset=args.preset,
+        range_estimator=args.range_estimator,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        input_size=args.input_size,
+        num_workers=args.num_workers,
+    )
+    progress = not quiet() and sys.stderr.isatty()
+    source = data_source(args)
+    report = optimize_step(
+        args.load_weights,
+        args.template,
+        source,
+        args.output,
+        options,
+        progress=progress,
+        tracking=tracking_options(args),
+    )
     if args.json:
         print(json.dumps(report))
     else:

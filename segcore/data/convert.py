@@ -177,16 +177,7 @@ def convert(
         source.spec = default_spec
     for note in source.notes:
         log.info("%s", note)
-    split_info = None
-    if as_split is not None:
-        for item in source.items:
-            item.split = as_split
-        source.val_location = None
-    elif not any(i.split == "val" for i in source.items) and source.val_location is None:
-        _check_enough_to_split(source, Path(train_root))
-        split_train_val(source.items, val_ratio, seed)
-        split_info = {"from": "train", "val_ratio": val_ratio, "seed": seed}
-        log.info("no validation split given: took %.0f%% of train as val (seed %d)", val_ratio * 100, seed)
+    split_info = _assign_splits(source, Path(train_root), as_split, val_ratio, seed)
     required = (as_split,) if as_split else SPLITS
     _check_not_empty(source, Path(train_root), required)
 
@@ -221,6 +212,21 @@ def convert(
     manifest["seconds"] = round(elapsed, 3)
     manifest["skipped"] = len(invalid)
     return manifest
+
+
+def _assign_splits(source: Source, root: Path, as_split: str | None, val_ratio: float, seed: int) -> dict | None:
+    """Everything into ``as_split``, or val split off train when none is given (how, or None)."""
+    if as_split is not None:
+        for item in source.items:
+            item.split = as_split
+        source.val_location = None
+        return None
+    if any(i.split == "val" for i in source.items) or source.val_location is not None:
+        return None
+    _check_enough_to_split(source, root)
+    split_train_val(source.items, val_ratio, seed)
+    log.info("no validation split given: took %.0f%% of train as val (seed %d)", val_ratio * 100, seed)
+    return {"from": "train", "val_ratio": val_ratio, "seed": seed}
 
 
 def _replace(tmp: Path, output: Path) -> None:

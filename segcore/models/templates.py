@@ -25,16 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from segcore.data.transforms import MEAN as IMAGENET_MEAN_RGB
-from segcore.data.transforms import STD as IMAGENET_STD_RGB
 from segcore.errors import SegcoreError
 
 __all__ = [
     "TEMPLATES",
     "BackboneConfig",
     "HeadConfig",
+    "Recipe",
     "Template",
-    "TrainingDefaults",
     "get_template",
 ]
 
@@ -74,13 +72,13 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class TrainingDefaults:
-    """The training recipe shared by the templates (OTX 1.x defaults)."""
+class Recipe:
+    """The training recipe the templates share (OTX 1.x defaults), written once: ``TrainConfig``
+    (segcore.training) is this record plus the run's own settings, under the same names."""
 
     input_size: tuple[int, int] = (512, 512)  # height, width
     batch_size: int = 8
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
+    lr: float = 1e-3  # Adam
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip_norm: float = 40.0
@@ -88,15 +86,13 @@ class TrainingDefaults:
     warmup_start_factor: float = 1 / 3
     plateau_factor: float = 0.1
     plateau_patience: int = 5
-    min_learning_rate: float = 1e-6
+    min_lr: float = 1e-6
     early_stop_start_epoch: int = 3
     early_stop_patience: int = 8
-    max_epochs: int = 300
+    epochs: int = 300
+    loss: str = "max_pooling"  # or "cross_entropy" (plain, mean over valid pixels)
     max_pooling_ratio: float = 0.25
     max_pooling_p: float = 1.7
-    ignore_index: int = 255
-    mean: tuple[float, float, float] = IMAGENET_MEAN_RGB
-    std: tuple[float, float, float] = IMAGENET_STD_RGB
     seed: int = 42
 
 
@@ -108,7 +104,7 @@ class Template:
     name: str
     backbone: BackboneConfig
     head: HeadConfig
-    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    training: Recipe = field(default_factory=Recipe)
     reference_gflops: float = 0.0  # OTX template metadata ("gigaflops")
     reference_size_mb: float = 0.0  # OTX template metadata ("size")
     pretrained_url: str = ""  # public ImageNet backbone checkpoint used by OTX (load_from)

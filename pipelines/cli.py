@@ -10,7 +10,7 @@ import contextlib
 import json
 import sys
 
-from segcore.commands.demo_data import parse_size
+from segcore.sizes import parse_size
 
 EPILOG = """\
 The DAG: convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8). Every step
@@ -61,6 +61,7 @@ def _size(text: str) -> str:
 
 def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     """The pipeline's run parameters (unset flags keep the pipeline's defaults)."""
+    from pipelines.defaults import LOCAL_DEFAULTS
     from segcore.data.sources import SUPPORTED_FORMATS
 
     d = "(default: demo data generated under the pipeline root)" if local else "(s3:// URI the pods can read)"
@@ -79,15 +80,25 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     g = p.add_argument_group("training")
     g.add_argument(
         "--template",
-        help="template ID or name, see 'segcore templates' " + default("Lite-HRNet-s-mod2", "Lite-HRNet-18-mod2"),
+        help="template ID or name, see 'segcore templates' "
+        + default(LOCAL_DEFAULTS["template"], "Lite-HRNet-18-mod2"),
     )
-    g.add_argument("--epochs", type=int, help="maximum epochs " + default("2", "the template's"))
-    g.add_argument("--batch-size", type=int, help="images per step " + default("4", "the template's"))
     g.add_argument(
-        "--input-size", type=_size, metavar="HxW", help="network input " + default("64x64", "the template's")
+        "--epochs", type=int, help="maximum epochs " + default(str(LOCAL_DEFAULTS["epochs"]), "the template's")
+    )
+    g.add_argument(
+        "--batch-size", type=int, help="images per step " + default(str(LOCAL_DEFAULTS["batch_size"]), "the template's")
+    )
+    g.add_argument(
+        "--input-size",
+        type=_size,
+        metavar="HxW",
+        help="network input " + default(LOCAL_DEFAULTS["input_size"], "the template's"),
     )
     g.add_argument("--lr", type=float, help="learning rate (default: the template's)")
-    g.add_argument("--num-workers", type=int, help="data loading processes " + default("0", "2"))
+    g.add_argument(
+        "--num-workers", type=int, help="data loading processes " + default(str(LOCAL_DEFAULTS["num_workers"]), "2")
+    )
     g.add_argument(
         "--checkpoint-uri", metavar="URI", help="s3:// prefix for training checkpoints (a retried training resumes)"
     )
@@ -97,7 +108,9 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     g.add_argument("--precision", choices=("FP32", "FP16"), help="exported IR weights (default FP32)")
     g.add_argument("--quantization-mode", choices=("ptq", "qat"), help="default ptq")
     g.add_argument("--max-dice-drop", type=float, metavar="D", help="PTQ with accuracy control (default 0: off)")
-    g.add_argument("--subset-size", type=int, help="calibration images " + default("16", "300"))
+    g.add_argument(
+        "--subset-size", type=int, help="calibration images " + default(str(LOCAL_DEFAULTS["subset_size"]), "300")
+    )
     g.add_argument("--qat-epochs", type=int, help="QAT fine-tuning epochs (default 2)")
 
     g = p.add_argument_group("tracking (MLflow)")

@@ -1,0 +1,79 @@
+"""Scoring, written once: Dice and IoU (mean and per class) over all pixels of a split, and the
+latency of a predictor. Training validation, ``segcore eval``, the pipeline's validation,
+quantization and the MLflow reports all score through here."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segcore.errors import SegcoreError
+from segcore.metrics import ConfusionMatrix
+
+
+def scores_of(pairs: Iterable[tuple], labels: Sequence[str] | None, ignore_index: int, num_classes: int = 0) -> dict:
+    """Dice/IoU of (prediction, truth) index-mask pairs, summed over all their pixels:
+    ``mdice``, ``miou``, ``per_class`` {name: {dice, iou}}, ``num_images``, ``confusion_matrix``."""
+    cm = ConfusionMatrix(len(labels) if labels is not None else num_classes, ignore_index)
+    count = 0
+    for prediction, truth in pairs:
+        cm.update(prediction, truth)
+        count += 1
+    scores = cm.scores(list(labels) if labels is not None else None)
+    scores["num_images"] = count
+    scores["confusion_matrix"] = cm.matrix.tolist()
+    return scores
+
+
+def split_items(dataset_root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) paths of a split of a canonical dataset; an empty split is an error."""
+    from segcore.data.convert import load_manifest
+
+    root = Path(dataset_root)
+    items = load_manifest(root)["items"].get(split, [])
+    if not items:
+        raise SegcoreError(f"split '{split}' is empty", root)
+    return [(root / it["image"], root / it["mask"]) for it in items]
+
+
+def score_items(
+    predict: Callable[[np.ndarray], np.ndarray],
+    items: Sequence[tuple[Path, Path]],
+    labels: Sequence[str],
+    ignore_index: int,
+    progress: bool = False,
+) -> dict:
+    """Scores of ``predict(rgb_image) -> index mask``, each image at its own size."""
+    from tqdm import tqdm
+
+    from segcore.data.dataset import read_mask, read_rgb
+
+    bar = tqdm(items, desc="eval", disable=not progress, leave=False)
+    return scores_of(((predict(read_rgb(image)), read_mask(mask)) for image, mask in bar), labels, ignore_index)
+
+
+def score_split(predictor, dataset_root: str | Path, split: str, progress: bool = False) -> dict:
+    """Scores of ``predictor.predict`` on a split of a canonical dataset."""
+    from segcore.data.convert import load_manifest
+
+    ignore = load_manifest(dataset_root)["ignore_index"]
+    return score_items(predictor.predict, split_items(dataset_root, split), predictor.labels, ignore, progress)
+
+
+def measure_latency(predict: Callable[[np.ndarray], object], images: Sequence[np.ndarray], repeats: int = 3) -> float:
+    """Median milliseconds of one ``predict(image)`` on real images, pre- and post-processing
+    included (after one warm-up call): what a user of ``segcore predict`` waits per image."""
+    if not images:
+        return 0.0
+    predict(images[0])
+    times = []
+    for _ in range(repeats):
+        for image in images:
+            started = time.perf_counter()
+            predict(image)
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)

@@ -1,0 +1,258 @@
+"""The train step: a template trained on a dataset -> a model bundle (local or s3://), with
+per-epoch metrics, plots, the model and its registered version in MLflow; resumable."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from segcore.errors import SegcoreError
+from segcore.steps.data import DataSource
+from segcore.tracking import TrackingOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What a user may change of the template's recipe (None: the template's default)."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    input_size: tuple[int, int] | None = None
+    lr: float | None = None
+    seed: int | None = None
+    num_workers: int = 2
+    time_budget_min: float | None = None
+
+
+def train_step(
+    template: str,
+    source: DataSource,
+    output: str,
+    options: TrainOptions = TrainOptions(),
+    *,
+    resume: bool = False,
+    load_weights: str | None = None,
+    progress: bool = False,
+    tracking: TrackingOptions | None = None,
+) -> dict:
+    """Train and write the bundle to ``output`` (uploaded after every epoch when s3://); return
+    the bundle metadata. Everything that can be refused is refused before any download."""
+    import contextlib
+
+    from segcore import storage
+    from segcore.data.convert import load_manifest
+    from segcore.models import get_template
+    from segcore.tracking import check_tracking, tracking_run
+    from segcore.training import TrainConfig, train
+
+    t = get_template(template)
+    config = TrainConfig.from_template(t.id, **{k: v for k, v in asdict(options).items()})
+    _check_output(output, resume)
+    check_tracking(tracking)
+    local = source.localized()
+    weights = str(storage.local_input(load_weights)) if load_weights else None
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(storage.local_output(output, resume=resume, exist_ok=True))
+        tracker = stack.enter_context(
+            tracking_run(
+                tracking,
+                "train",
+                run_name=f"train {t.name}",
+                resume_from=out if resume else None,
+                tags={"segcore.template": t.name},
+            )
+        )
+        dataset = _prepare_or_clean(local, out)
+        manifest = load_manifest(dataset)
+        tracker.write_run_file(out)
+        tracker.log_params(train_params(t, config, manifest, source, output, load_weights))
+        upload = _uploader(output, out)
+
+        def on_epoch(record: dict) -> None:
+            tracker.log_metrics(epoch_metrics(record), step=record["epoch"])
+            upload()
+
+        log.info(
+            "training %s: input %dx%d, batch %d, lr %g, up to %d epochs",
+            t.name, *config.input_size, config.batch_size, config.lr, config.epochs,
+        )  # fmt: skip
+        meta = train(config, dataset, out, resume=resume, load_weights=weights, progress=progress, on_epoch=on_epoch)
+        if tracker.enabled:
+            try:
+                log_training_result(tracker, out, dataset, meta)
+            except Exception as exc:  # noqa: BLE001 - the training succeeded; tracking must not fail it
+                log.warning("could not log the training result to MLflow: %s", exc)
+        upload(final=True)  # before the tracking queue is flushed: the bundle first
+    return meta
+
+
+def train_resumable(
+    template: str,
+    dataset: str,
+    model_dir: str,
+    options: TrainOptions,
+    checkpoint_uri: str = "",
+    key: dict | None = None,
+    tracking: TrackingOptions | None = None,
+) -> tuple[dict, str]:
+    """The pipeline's training: with ``checkpoint_uri`` (s3:// or a volume that outlives the pod)
+    checkpoints go to ``<checkpoint_uri>/train-<key>`` (key: dataset content, template and
+    ``key``, default the options), a retried attempt resumes there and a finished training found there is reused;
+    the bundle then lands in ``model_dir``. Returns (bundle metadata, where the checkpoints are)."""
+    import json
+
+    from segcore import storage
+    from segcore.data.convert import load_manifest
+
+    source = DataSource(dataset)
+    if not checkpoint_uri:
+        return train_step(template, source, model_dir, options, resume=True, tracking=tracking), model_dir
+    manifest = load_manifest(dataset)
+    prefix = checkpoint_prefix(checkpoint_uri, manifest["content_hash"], template, key or asdict(options))
+    remote = storage.is_s3(prefix)
+    if storage.exists(f"{prefix}/model.json") if remote else Path(prefix, "model.json").is_file():
+        log.info("%s holds this training, finished: reusing it", prefix)
+    else:
+        train_step(template, source, prefix, options, resume=True, tracking=tracking)
+    if remote:
+        storage.download(prefix, model_dir)
+    else:
+        shutil.copytree(prefix, model_dir, dirs_exist_ok=True)
+    return json.loads(Path(model_dir, "model.json").read_text()), prefix
+
+
+def checkpoint_prefix(checkpoint_uri: str, dataset_hash: str, template: str, settings: dict) -> str:
+    """One folder per dataset content, template and training settings under ``checkpoint_uri``, so
+    a retried attempt finds its own checkpoints and nothing else does."""
+    import hashlib
+    import json
+
+    key = json.dumps([dataset_hash, template, sorted(settings.items())], default=str)
+    return f"{checkpoint_uri.rstrip('/')}/train-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _check_output(output: str, resume: bool) -> None:
+    """The same refusals for a local folder and an S3 prefix, before any download or training."""
+    from segcore import storage
+    from segcore.training import BUNDLE_META, LAST
+
+    if resume:
+        if storage.is_s3(output):
+            storage.check_bucket(output)
+        return
+    if storage.is_s3(output):
+        uri = storage.check_bucket(output)
+        finished, unfinished = storage.exists(uri.child(BUNDLE_META)), storage.exists(uri.child(LAST))
+    else:
+        finished, unfinished = (Path(output) / BUNDLE_META).exists(), (Path(output) / LAST).exists()
+    if finished:
+        raise SegcoreError("holds a finished training; choose a new --output", output)
+    if unfinished:
+        raise SegcoreError(
+            "holds an unfinished training; pass --resume to continue it or choose a new --output", output
+        )
+
+
+def _prepare_or_clean(source: DataSource, output: Path) -> Path:
+    """The canonical dataset (raw data is converted into OUTPUT/dataset); when the data is refused,
+    the output folder this call created goes away with it, so nothing looks like a started training."""
+    created = not output.exists()
+    try:
+        return source.canonical(output / "dataset")
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _uploader(output: str, local: Path):
+    """Uploads the bundle folder to an s3:// output (a no-op for local outputs)."""
+    from segcore import storage
+
+    remote = storage.parse_s3_uri(output) if storage.is_s3(output) else None
+
+    def upload(final: bool = False) -> None:
+        if remote is None:
+            return
+        try:
+            storage.sync_up(local, remote)
+        except SegcoreError as exc:
+            if final:
+                raise
+            log.warning("checkpoint upload failed, training goes on (retried after the next epoch): %s", exc)
+
+    return upload
+
+
+def train_params(template, config, manifest: dict, source: DataSource, output: str, load_weights) -> dict:
+    """What MLflow records about a training: template, every hyper-parameter, data and versions."""
+    from segcore import __version__
+    from segcore.tracking import redact
+
+    params = {"template": template.id, "template_name": template.name}
+    for key, value in asdict(config).items():
+        if key == "augment":
+            params.update({f"augment.{k}": v for k, v in value.items()})
+        elif key == "input_size":
+            params[key] = f"{value[0]}x{value[1]}"
+        else:
+            params[key] = value
+    params.update(
+        dataset_hash=manifest["content_hash"],
+        labels=",".join(manifest["labels"]),
+        num_classes=len(manifest["labels"]),
+        ignore_index=manifest["ignore_index"],
+        train_items=manifest["splits"]["train"],
+        val_items=manifest["splits"]["val"],
+        segcore_version=__version__,
+        load_weights=redact(load_weights) if load_weights else None,
+        output=redact(output),
+        **source.params(),
+    )
+    return params
+
+
+def epoch_metrics(record: dict) -> dict:
+    """A metrics.jsonl record as MLflow metrics: val_dice is the mean Dice, val_dice/<class> per class."""
+    metrics = {k: record[k] for k in ("train_loss", "lr", "img_per_s", "epoch_seconds")}
+    metrics.update(val_dice=record["val_mdice"], val_miou=record["val_miou"])
+    metrics.update({f"val_dice/{name}": dice for name, dice in record["val_dice"].items()})
+    return metrics
+
+
+def _input_example(dataset: Path):
+    """A small validation image (longest side 64 px) for the MLflow model's input example."""
+    import cv2
+
+    from segcore.data.dataset import SegmentationDataset
+
+    image, _ = SegmentationDataset(dataset, "val").load(0)
+    scale = 64 / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))))
+    return image
+
+
+def log_training_result(tracker, output: Path, dataset: Path, meta: dict) -> None:
+    """End of a tracked training: final scores, plots and overlays of the best model, the model
+    (bundle + pyfunc), and a registered version with alias 'best' if it beats the current holder."""
+    from segcore.inference import TorchPredictor
+    from segcore.tracking import log_segmentation_report, model_name
+
+    final = {k: meta[k] for k in ("best_epoch", "epochs_run", "train_seconds")}
+    final["best_val_dice"] = meta["best_val_mdice"]
+    scores = log_segmentation_report(tracker, TorchPredictor(output), dataset, "val")
+    if scores:
+        final.update({f"best_val_dice/{k}": v["dice"] for k, v in scores["per_class"].items()})
+        final["best_val_miou"] = scores["miou"]
+    tracker.log_metrics(final)
+    if tracker.log_model_bundle(output, input_example=_input_example(dataset)):
+        tracker.register_model(
+            model_name(tracker.experiment_name, meta["template_name"]),
+            score=meta["best_val_mdice"],
+            tags={"template": meta["template"], "dataset_hash": meta["dataset_hash"]},
+        )
