@@ -17,6 +17,7 @@ import torch
 from segcore.cli import main
 from segcore.data import transforms as T
 from segcore.data.synthetic import generate
+from segcore.errors import SegcoreError
 from segcore.losses import MaxPoolingCrossEntropy, max_pooling_weights
 from segcore.metrics import ConfusionMatrix
 from segcore.training import EarlyStopping, WarmupPlateauLR
@@ -367,3 +368,47 @@ def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     assert len(epochs) > len(done)
     meta = json.loads((out / "model.json").read_text())
     assert meta["epochs_run"] == epochs[-1]
+
+
+def test_random_resized_crop_keeps_labels_and_size():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:, 40:] = 2
+    mask[:5] = 255
+    for _ in range(20):
+        img, out = T.random_resized_crop(image, mask, (32, 48), rng, (0.2, 1.0), (0.5, 2.0))
+        assert img.shape == (32, 48, 3) and out.shape == (32, 48)
+        assert set(np.unique(out)) <= {0, 2, 255}  # nearest: no value that was not there
+    t = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), crop_mode="random_resized_crop", photometric_p=0.5))
+    x, y = t(image, mask, rng)
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    with pytest.raises(ValueError, match="crop_mode"):
+        T.AugmentConfig(crop_mode="zoom")
+
+
+def test_photometric_p_1_keeps_the_random_stream_of_the_recipe():
+    """The default (p=1) draws no extra number: a seeded augmentation is what it was before."""
+    image = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    a = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0))(image, mask, np.random.default_rng(5))
+    b = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0, photometric_p=1.0))(
+        image, mask, np.random.default_rng(5)
+    )
+    assert np.array_equal(a[0], b[0])
+    none = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0, rotate_p=0.0, photometric_p=0.0))
+    c = none(image, mask, np.random.default_rng(5))
+    assert c[0].shape == (3, 32, 32)
+
+
+def test_cross_entropy_option_is_plain_mean_cross_entropy():
+    from segcore.training import TrainConfig, make_criterion
+
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, 0] = 255
+    config = TrainConfig.from_template("Lite-HRNet-s-mod2", loss="cross_entropy")
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(make_criterion(config, 255)(logits, target), expected)
+    with pytest.raises(SegcoreError, match="unknown loss"):
+        make_criterion(TrainConfig.from_template("Lite-HRNet-s-mod2", loss="dice"), 255)

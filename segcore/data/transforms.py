@@ -31,7 +31,17 @@ class AugmentConfig:
     rotate_p: float = 0.5
     rotate_degrees: float = 30.0
     mix_p: float = 0.5
+    photometric_p: float = 1.0  # the photometric step (each of its operations has p=0.5 inside)
+    # "rescale_crop": mmseg's random rescale + crop above; "random_resized_crop": OTX 2.x's
+    # RandomResizedCrop (a window of area scale x the image and aspect ratio, resized to crop_size).
+    crop_mode: str = "rescale_crop"
+    rrc_scale: tuple[float, float] = (0.2, 1.0)
+    rrc_ratio: tuple[float, float] = (0.5, 2.0)
     ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in ("rescale_crop", "random_resized_crop"):
+            raise ValueError(f"crop_mode must be rescale_crop or random_resized_crop, got {self.crop_mode!r}")
 
 
 def rescale(image: np.ndarray, mask: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +84,39 @@ def random_crop(
                 break
             y, x = window()
     return image[y : y + ch, x : x + cw], mask[y : y + ch, x : x + cw]
+
+
+def random_resized_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    tries: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A window of ``scale`` x the image area and aspect ratio (w/h) in ``ratio`` (log-uniform),
+    resized to ``size`` (H, W); after ``tries`` misses, the largest centred window that fits."""
+    h, w = mask.shape
+    area = h * w
+    for _ in range(tries):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            break
+    else:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        cw, ch = (w, int(round(w / aspect))) if w / h < aspect else (int(round(h * aspect)), h)
+        cw, ch = min(cw, w), min(ch, h)
+        y, x = (h - ch) // 2, (w - cw) // 2
+    image, mask = image[y : y + ch, x : x + cw], mask[y : y + ch, x : x + cw]
+    out = (size[1], size[0])
+    return (
+        cv2.resize(image, out, interpolation=cv2.INTER_LINEAR),
+        cv2.resize(mask, out, interpolation=cv2.INTER_NEAREST),
+    )
 
 
 def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,10 +178,13 @@ class TrainTransform:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         cfg = self.cfg
-        base = (cfg.crop_size[0] * cfg.base_scale_factor, cfg.crop_size[1] * cfg.base_scale_factor)
-        ratio = rng.uniform(*cfg.ratio_range)
-        image, mask = rescale(image, mask, (int(base[0] * ratio), int(base[1] * ratio)))
-        image, mask = random_crop(image, mask, cfg.crop_size, rng, cfg.cat_max_ratio, cfg.ignore_index)
+        if cfg.crop_mode == "random_resized_crop":
+            image, mask = random_resized_crop(image, mask, cfg.crop_size, rng, cfg.rrc_scale, cfg.rrc_ratio)
+        else:
+            base = (cfg.crop_size[0] * cfg.base_scale_factor, cfg.crop_size[1] * cfg.base_scale_factor)
+            ratio = rng.uniform(*cfg.ratio_range)
+            image, mask = rescale(image, mask, (int(base[0] * ratio), int(base[1] * ratio)))
+            image, mask = random_crop(image, mask, cfg.crop_size, rng, cfg.cat_max_ratio, cfg.ignore_index)
         if rng.random() < cfg.flip_p:
             image, mask = image[:, ::-1], mask[:, ::-1]
         if rng.random() < cfg.rotate_p:
@@ -150,7 +196,7 @@ class TrainTransform:
             # Only the photometric step differs between the copies, so the labels of both agree
             # and the mask needs no blending.
             image = np.where(keep[..., None], first, second)
-        else:
+        elif cfg.photometric_p >= 1.0 or rng.random() < cfg.photometric_p:  # p=1 draws nothing
             image = photometric(image, rng)
         image, mask = pad_to(np.ascontiguousarray(image), np.ascontiguousarray(mask), cfg.crop_size, cfg.ignore_index)
         return normalize(image), mask.astype(np.int64)
