@@ -345,3 +345,10 @@ def test_pipeline_convert_step_refuses_the_same(tmp_path):
     with pytest.raises(SegcoreError, match=r"only one class \('class_0'\)"):
         convert_op.python_func(train_data_uri=str(root), dataset=dataset, tracking=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layout", ["voc", "camvid", "ade20k2020", "common_semantic_segmentation"])
+def test_single_class_is_refused_in_every_datumaro_format(tmp_path, capsys, layout):
+    gen = generate(tmp_path / "src", layout, num_train=3, num_val=2, num_classes=1)
+    out = tmp_path / "out"
+    _refused(capsys, _convert_argv(gen.root, out), out, gen.root, "has labelled pixels in the training split")
