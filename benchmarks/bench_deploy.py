@@ -82,7 +82,8 @@ def main() -> int:
     import torch
 
     from segcore.export import RawImageModel
-    from segcore.inference import OpenVINOPredictor, TorchPredictor, score
+    from segcore.inference import OpenVINOPredictor, TorchPredictor
+    from segcore.scoring import score_split
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -166,7 +167,7 @@ def main() -> int:
                 tput = 20 / (time.perf_counter() - t)
         row = {k: m[k] for k in ("model", "precision", "latency_ms", "latency_ms_static") if k in m}
         row["throughput_img_s"] = tput
-        row["val_mdice"] = score(m["predictor"], args.dataset, "val")["mdice"]
+        row["val_mdice"] = score_split(m["predictor"], args.dataset, "val")["mdice"]
         if "xml" in m:
             row["ir_mb"] = _mb(m["xml"])
         rows.append(row)

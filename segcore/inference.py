@@ -89,13 +89,6 @@ def load_predictor(path: str | Path, **ov_options) -> TorchPredictor | OpenVINOP
     return TorchPredictor(path)
 
 
-def score(predictor, dataset_root: str | Path, split: str, progress: bool = False) -> dict:
-    """Dice/IoU of ``predictor.predict`` on a split of a canonical dataset (``segcore.scoring``)."""
-    from segcore.scoring import score_split
-
-    return score_split(predictor, dataset_root, split, progress)
-
-
 def overlay(image: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5) -> np.ndarray:
     """Blend the label colours over the image (RGB)."""
     palette = np.zeros((256, 3), dtype=np.uint8)

@@ -50,7 +50,7 @@ def train_step(
     from segcore.training import TrainConfig, train
 
     t = get_template(template)
-    config = TrainConfig.from_template(t.id, **{k: v for k, v in asdict(options).items()})
+    config = TrainConfig.from_template(t.id, **asdict(options))
     _check_output(output, resume)
     check_tracking(tracking)
     local = source.localized()
