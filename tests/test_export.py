@@ -20,7 +20,6 @@ from segcore.models import TEMPLATES, create_model
 from segcore.optimize import processing_ops
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0"]
 
 
 def _write_bundle(folder: Path, template, labels: list[str], input_size=(64, 64), seed: int = 0) -> Path:
@@ -84,14 +83,11 @@ def test_every_template_exports_and_the_ir_predicts_like_pytorch(template, tmp_p
     assert probs.shape == (5, 72, 96) and np.allclose(probs.sum(0), 1, atol=1e-4)
 
 
-def test_fp16_export_is_smaller_and_still_agrees(tmp_path, images):
-    template = TEMPLATES[0]
-    bundle = _write_bundle(tmp_path / "bundle", template, ["a", "b", "c"])
-    assert main(["export", str(bundle), "--output", str(tmp_path / "fp32")]) == 0
-    assert main(["export", str(bundle), "--output", str(tmp_path / "fp16"), "--precision", "FP16"]) == 0
-    size = {p: (tmp_path / p / "model.bin").stat().st_size for p in ("fp32", "fp16")}
-    assert size["fp16"] < 0.6 * size["fp32"]
-    a = OpenVINOPredictor(tmp_path / "fp32", config=F32).predict(images[1])
+def test_fp16_export_is_smaller_and_still_agrees(trained, tmp_path, images):
+    fp32 = trained["ir"].parent  # the session's FP32 export of the same bundle
+    assert main(["export", str(trained["run"]), "--output", str(tmp_path / "fp16"), "--precision", "FP16"]) == 0
+    assert (tmp_path / "fp16" / "model.bin").stat().st_size < 0.6 * (fp32 / "model.bin").stat().st_size
+    a = OpenVINOPredictor(fp32, config=F32).predict(images[1])
     b = OpenVINOPredictor(tmp_path / "fp16", config=F32).predict(images[1])
     assert _agreement(a, b) >= 0.99
 
@@ -100,15 +96,11 @@ def test_fp16_export_is_smaller_and_still_agrees(tmp_path, images):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A Lite-HRNet-s-mod2 trained for 2 epochs on tiny data, its dataset and its FP32 IR."""
-    root = tmp_path_factory.mktemp("trained")
-    gen = generate(root / "raw", "plain", num_train=12, num_val=4, size=(40, 48), seed=1)
-    run = root / "run"
-    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(run),
-                 "--epochs", "2", *TINY]) == 0  # fmt: skip
-    assert main(["export", str(run), "--output", str(root / "ir")]) == 0
-    return {"gen": gen, "run": run, "dataset": run / "dataset", "ir": root / "ir" / IR_NAME, "root": root}
+def trained(tiny, tmp_path_factory):
+    """The session's tiny Lite-HRNet-s-mod2 (conftest.py): its raw data, bundle, dataset and FP32 IR;
+    ``root`` is this module's own folder for outputs."""
+    return {"gen": tiny.gen, "run": tiny.cli.run, "dataset": tiny.cli.dataset, "ir": tiny.cli.ir,
+            "root": tmp_path_factory.mktemp("trained")}  # fmt: skip
 
 
 def test_model_api_opens_the_ir_and_its_masks_equal_segcore_predict(trained, tmp_path):
@@ -162,11 +154,9 @@ def _assert_int8(out: Path, mode: str) -> dict:
     return report
 
 
-def test_ptq_of_an_ir_end_to_end(trained, capsys):
-    out = trained["root"] / "ptq"
-    assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["ir"]), "--train-data-root",
-                 str(trained["dataset"]), "--output", str(out), "--json"]) == 0  # fmt: skip
-    printed = json.loads(capsys.readouterr().out)
+def test_ptq_of_an_ir_end_to_end(tiny, trained, capsys):
+    out = tiny.cli.int8  # `segcore optimize IR --subset-size 2 --json`, run by the session fixture
+    printed = tiny.cli.optimize_json
     report = _assert_int8(out, "ptq")
     assert printed["val_mdice_int8"] == report["val_mdice_int8"]
     # the INT8 IR evaluates like any other and scores what the report says

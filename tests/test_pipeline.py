@@ -200,67 +200,29 @@ def _artifact(cls, path: Path):
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    from segcore.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("raw") / "data"
-    generate(root, "plain", num_train=8, num_val=4, size=(40, 48), num_classes=3, seed=1)
-    return root
+def raw(tiny):
+    return tiny.raw
 
 
 @pytest.fixture(scope="module")
-def steps(raw, tmp_path_factory):
-    """convert -> train -> export -> quantize through the components' functions (tracking off)."""
-    from components.convert import convert_op
-    from components.export import export_op
-    from components.quantize import quantize_op
-    from components.train import train_op
-
-    work = tmp_path_factory.mktemp("steps")
-    dataset = _artifact(dsl.Dataset, work / "dataset")
-    converted = convert_op.python_func(train_data_uri=str(raw), dataset=dataset, tracking=False)
-    model, train_metrics = _artifact(dsl.Model, work / "model"), _artifact(dsl.Metrics, work / "train_metrics")
-    train_op.python_func(
-        template=TEMPLATE,
-        dataset=dataset,
-        model=model,
-        metrics=train_metrics,
-        epochs=1,
-        batch_size=4,
-        input_size="32x32",
-        num_workers=0,
-        tracking=False,
-    )
-    ir = _artifact(dsl.Model, work / "ir")
-    export_op.python_func(model=model, ir=ir, tracking=False)
-    int8, quant_metrics = _artifact(dsl.Model, work / "int8"), _artifact(dsl.Metrics, work / "quant_metrics")
-    quantize_op.python_func(
-        template=TEMPLATE,
-        ir=ir,
-        model=model,
-        dataset=dataset,
-        int8_ir=int8,
-        metrics=quant_metrics,
-        subset_size=4,
-        tracking=False,
-    )
-    return SimpleNamespace(
-        work=work,
-        converted=converted,
-        dataset=dataset,
-        model=model,
-        train_metrics=train_metrics,
-        ir=ir,
-        int8=int8,
-        quant_metrics=quant_metrics,
-    )
+def steps(tiny):
+    """convert -> train -> export -> validate -> quantize through the components' functions, tracked
+    (the session's ``tiny`` fixture, conftest.py)."""
+    return tiny.kfp
 
 
 def test_convert_component_writes_a_dataset(steps):
     assert (Path(steps.dataset.path) / "manifest.json").is_file()
     assert steps.dataset.metadata["splits"] == {"train": 8, "val": 4}
     assert len(steps.dataset.metadata["labels"]) == 3
-    assert steps.converted.mlflow_parent_run_id == ""  # tracking off: no parent run
+    assert steps.converted.mlflow_parent_run_id  # tracking on: the pipeline's parent run
+
+
+def test_convert_component_without_tracking_has_no_parent_run(raw, tmp_path):
+    from components.convert import convert_op
+
+    dataset = _artifact(dsl.Dataset, tmp_path / "dataset")
+    assert convert_op.python_func(train_data_uri=str(raw), dataset=dataset, tracking=False).mlflow_parent_run_id == ""
 
 
 def test_train_export_quantize_components(steps):
