@@ -38,6 +38,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "otx_aug": ({}, OTX_AUG),  # OTX 2.6's augmentations, max-pooling loss kept
     "otx": ({"loss": "cross_entropy", "warmup_iters": 100, "plateau_patience": 4}, OTX_AUG),
     "otx_mp": ({"warmup_iters": 100, "plateau_patience": 4}, OTX_AUG),
+    "otx_kaiming": ({"loss": "cross_entropy", "warmup_iters": 100, "plateau_patience": 4, "init": "kaiming"}, OTX_AUG),
+    "otx_dice": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4}, OTX_AUG),
+    "otx_dice_kaiming": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "init": "kaiming"}, OTX_AUG),
 }
 
 

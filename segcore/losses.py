@@ -83,3 +83,30 @@ class MaxPoolingCrossEntropy(torch.nn.Module):
             return pixel_loss.sum() * 0.0
         weights = max_pooling_weights(losses, self.ratio, self.p) * losses.numel()
         return (weights * losses).mean()
+
+
+class DiceCrossEntropy(torch.nn.Module):
+    """Cross-entropy plus ``dice_weight`` x soft Dice loss (1 - mean soft Dice over classes).
+
+    The soft Dice of a class is (2 sum(p t) + 1) / (sum p + sum t + 1) over the batch's valid pixels
+    (p: softmax probability, t: one-hot target), computed in fp32. It optimises the metric we
+    report directly and weights every class equally, however few pixels it has.
+    """
+
+    def __init__(self, ignore_index: int = 255, dice_weight: float = 1.0, smooth: float = 1.0):
+        super().__init__()
+        self.ignore_index, self.dice_weight, self.smooth = ignore_index, dice_weight, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        valid = (target != self.ignore_index).unsqueeze(1)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        probs = logits.softmax(dim=1) * valid
+        onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1])
+        onehot = onehot.permute(0, 3, 1, 2).to(probs.dtype) * valid
+        dims = (0, 2, 3)
+        inter = (probs * onehot).sum(dims)
+        dice = (2 * inter + self.smooth) / (probs.sum(dims) + onehot.sum(dims) + self.smooth)
+        return ce + self.dice_weight * (1.0 - dice.mean())

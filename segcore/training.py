@@ -32,8 +32,8 @@ from segcore.data.convert import load_manifest
 from segcore.data.dataset import EvalDataset, SegmentationDataset, collate_eval
 from segcore.data.transforms import MEAN, STD, AugmentConfig
 from segcore.errors import SegcoreError
-from segcore.losses import MaxPoolingCrossEntropy
-from segcore.models import create_model, get_template
+from segcore.losses import DiceCrossEntropy, MaxPoolingCrossEntropy
+from segcore.models import create_model, get_template, init_weights
 from segcore.models.templates import Recipe
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,9 @@ def make_criterion(config: TrainConfig, ignore_index: int) -> torch.nn.Module:
         return MaxPoolingCrossEntropy(ignore_index, config.max_pooling_ratio, config.max_pooling_p)
     if config.loss == "cross_entropy":
         return torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
-    raise SegcoreError(f"unknown loss {config.loss!r}; choose max_pooling or cross_entropy")
+    if config.loss == "ce_dice":
+        return DiceCrossEntropy(ignore_index, config.dice_weight)
+    raise SegcoreError(f"unknown loss {config.loss!r}; choose max_pooling, cross_entropy or ce_dice")
 
 
 def seed_everything(seed: int) -> None:
@@ -282,7 +284,10 @@ def _refuse_existing(output: Path, resume: bool) -> None:
 
 
 def _initial_state(config, num_classes, load_weights, resume, output: Path, initial_model) -> _State:
-    model = initial_model if initial_model is not None else create_model(get_template(config.template), num_classes)
+    if initial_model is not None:
+        model = initial_model
+    else:
+        model = init_weights(create_model(get_template(config.template), num_classes), config.init)
     if load_weights and not (resume and (output / LAST).exists()):
         from segcore.models import load_backbone_weights
 

@@ -412,3 +412,49 @@ def test_cross_entropy_option_is_plain_mean_cross_entropy():
     assert torch.allclose(make_criterion(config, 255)(logits, target), expected)
     with pytest.raises(SegcoreError, match="unknown loss"):
         make_criterion(TrainConfig.from_template("Lite-HRNet-s-mod2", loss="dice"), 255)
+
+
+def test_ce_dice_loss_is_cross_entropy_plus_soft_dice_over_valid_pixels():
+    from segcore.training import TrainConfig, make_criterion
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :2] = 255
+    criterion = make_criterion(TrainConfig.from_template("Lite-HRNet-s-mod2", loss="ce_dice", dice_weight=0.5), 255)
+    # a confident, correct prediction: both terms vanish; whatever it says on ignored pixels
+    perfect = torch.nn.functional.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * 40
+    perfect[0, :, :2] = torch.tensor([0.0, 40.0, 0.0]).view(3, 1, 1)
+    assert criterion(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+    # otherwise: cross-entropy + 0.5 * (1 - mean soft Dice), the Dice from softmax over valid pixels
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    valid = target != 255
+    probs = logits.softmax(1).permute(0, 2, 3, 1)[valid]
+    onehot = torch.nn.functional.one_hot(target[valid], 3).float()
+    dice = (2 * (probs * onehot).sum(0) + 1) / (probs.sum(0) + onehot.sum(0) + 1)
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255) + 0.5 * (1 - dice.mean())
+    loss = criterion(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert logits.grad[0, :, :2].abs().max() == 0  # ignored pixels get no gradient
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_kaiming_init_scales_convolutions_by_fan_out_and_keeps_the_classifier():
+    from segcore.models import create_model, init_weights
+
+    torch.manual_seed(0)
+    model = init_weights(create_model("Lite-HRNet-s-mod2", 3), "kaiming")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m is not model.decode_head.conv_seg]
+    big = max(convs, key=lambda m: m.weight.numel())
+    fan_out = big.weight.shape[0] * big.weight[0, 0].numel()
+    assert big.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.1)
+    assert all(m.bias is None or not m.bias.any() for m in convs)
+    assert model.decode_head.conv_seg.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    with pytest.raises(ValueError, match="unknown init"):
+        init_weights(model, "xavier")
+    # the recipe's default leaves PyTorch's initialisation alone
+    torch.manual_seed(1)
+    a = create_model("Lite-HRNet-s-mod2", 3)
+    torch.manual_seed(1)
+    b = init_weights(create_model("Lite-HRNet-s-mod2", 3), "torch")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

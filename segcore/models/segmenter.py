@@ -12,7 +12,7 @@ from segcore.models.heads import FCNHead, IterativeAggregator
 from segcore.models.litehrnet import LiteHRNet
 from segcore.models.templates import Template, get_template
 
-__all__ = ["Segmenter", "create_model"]
+__all__ = ["INIT_SCHEMES", "Segmenter", "create_model", "init_weights"]
 
 
 class Segmenter(nn.Module):
@@ -65,3 +65,30 @@ def create_model(template: str | Template, num_classes: int) -> Segmenter:
         aggregator_min_channels=head.aggregator_min_channels,
     )
     return Segmenter(backbone, decode_head)
+
+
+INIT_SCHEMES = ("torch", "kaiming")
+
+
+def init_weights(model: Segmenter, scheme: str) -> Segmenter:
+    """Re-initialise ``model`` in place for training from scratch.
+
+    ``torch`` keeps PyTorch's layer defaults. ``kaiming`` draws every convolution from a normal
+    distribution scaled by its fan-out for ReLU (He et al. 2015; what mmcv's ``ConvModule`` does,
+    on which OTX builds most of Lite-HRNet) with zero biases, and batch norms at weight 1, bias 0;
+    the classifier (``conv_seg``) keeps its own N(0, 0.01) start.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    if scheme == "torch":
+        return model
+    classifier = getattr(model.decode_head, "conv_seg", None)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module is not classifier:
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model

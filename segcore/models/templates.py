@@ -90,7 +90,9 @@ class Recipe:
     early_stop_start_epoch: int = 3
     early_stop_patience: int = 8
     epochs: int = 300
-    loss: str = "max_pooling"  # or "cross_entropy" (plain, mean over valid pixels)
+    loss: str = "max_pooling"  # or "cross_entropy" (plain, mean over valid pixels), "ce_dice"
+    dice_weight: float = 1.0  # weight of the soft Dice term of "ce_dice"
+    init: str = "torch"  # weight initialisation from scratch: "torch" or "kaiming"
     max_pooling_ratio: float = 0.25
     max_pooling_p: float = 1.7
     seed: int = 42
