@@ -290,11 +290,28 @@ def run_local(args: argparse.Namespace) -> int:
             f"MLflow: {result.tracking_uri}, experiment '{result.experiment}', "
             f"parent run {summary['mlflow_parent_run_id']}"
         )
+        page = _ui_page(result.tracking_uri, result.experiment)
         if result.tracking_uri.startswith("sqlite:"):
-            print(f"  see it: mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000)")
+            print(f"  see it: mlflow ui --backend-store-uri {result.tracking_uri}, then open {page}")
+        elif page:
+            print(f"  see it: {page}")
     else:
         print("MLflow: tracking off")
     return 0
+
+
+def _ui_page(uri: str, experiment: str) -> str | None:
+    """The UI page of the experiment's runs (a local `mlflow ui` for a file store), or None."""
+    from mlflow import MlflowClient
+
+    from segcore.tracking import ui_url
+
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    try:
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - only a hint
+        return None
+    return ui_url(base, exp.experiment_id) if exp is not None else None
 
 
 def run_submit(args: argparse.Namespace) -> int:

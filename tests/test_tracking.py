@@ -409,3 +409,73 @@ def test_export_eval_optimize_on_s3_log_to_the_run_family(trained, tracking_env,
     assert opt.data.metrics["val_dice_int8"] == pytest.approx(report["val_mdice_int8"])
     assert {"dice_drop", "int8_ir_mb", "fp32_ir_mb", "latency_ms_int8"} <= set(opt.data.metrics)
     assert "report.json" in _artifact_files(client, opt.info.run_id)
+
+
+# ------------------------------------------------------------------ MLflow as its UI shows runs
+
+
+def _runs_by_step(uri: str, experiment: str) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return {r.data.tags["segcore.step"]: r for r in client.search_runs([exp.experiment_id])}
+
+
+@pytest.mark.parametrize("experiment", ["cli", "pipeline"])
+def test_runs_record_their_dataset_as_an_mlflow_input(tiny, experiment):
+    """Training, evaluation and quantization runs, from the CLI and from the pipeline's components,
+    carry the canonical dataset as an MLflow dataset input: the UI's Dataset column."""
+    manifest = json.loads((tiny.cli.dataset / "manifest.json").read_text())
+    runs = _runs_by_step(tiny.uri, experiment)
+    contexts = {}
+    for step in ("train", "eval", "optimize"):
+        (entry,) = runs[step].inputs.dataset_inputs
+        ds = entry.dataset
+        assert ds.name == Path(tiny.raw).name and ds.digest == manifest["content_hash"][:32]
+        assert json.loads(ds.profile) == {"splits": {"train": 8, "val": 4}, "num_classes": 3}
+        assert json.loads(ds.schema)["labels"] == manifest["labels"]
+        assert ds.source_type == "local" and json.loads(ds.source)["uri"]
+        contexts[step] = {t.key: t.value for t in entry.tags}["mlflow.data.context"]
+    assert contexts == {"train": "train", "eval": "val", "optimize": "train"}
+
+
+def test_experiments_segcore_creates_open_on_their_runs_and_others_are_left_alone(tiny, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from segcore.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TrackingOptions, tracking_run
+
+    client = MlflowClient(tracking_uri=tiny.uri)
+    for name in ("cli", "pipeline"):
+        assert client.get_experiment_by_name(name).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mine = MlflowClient(tracking_uri=uri).create_experiment("made-by-the-user")
+    monkeypatch.setenv("SEGCORE_TRACKING", "on")
+    with tracking_run(TrackingOptions(tracking_uri=uri, experiment="made-by-the-user"), "eval"):
+        pass
+    assert EXPERIMENT_KIND_TAG not in MlflowClient(tracking_uri=uri).get_experiment(mine).tags
+
+
+def test_system_metrics_are_on_for_training_and_off_with_one_setting(tmp_path, monkeypatch):
+    import time
+
+    from mlflow import MlflowClient
+
+    from segcore.tracking import TrackingOptions, tracking_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("SEGCORE_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+
+    def system_keys(options: TrackingOptions, system_metrics: bool = True) -> set[str]:
+        with tracking_run(options, "train", system_metrics=system_metrics) as tracker:
+            time.sleep(1.0)
+        metrics = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.metrics
+        return {k for k in metrics if k.startswith("system/")}
+
+    options = TrackingOptions(tracking_uri=uri, experiment="sys")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system_keys(options)
+    assert not system_keys(TrackingOptions(tracking_uri=uri, experiment="sys", no_system_metrics=True))
+    assert not system_keys(options, system_metrics=False)  # steps that do not train
+    monkeypatch.setenv("SEGCORE_SYSTEM_METRICS", "off")
+    assert not system_keys(options)

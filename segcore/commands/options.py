@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from segcore.tracking import DEFAULT_EXPERIMENT, DEFAULT_URI, ENV_PARENT, ENV_SWITCH, TrackingOptions
+from segcore.tracking import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_URI,
+    ENV_PARENT,
+    ENV_SWITCH,
+    ENV_SYSTEM_METRICS,
+    TrackingOptions,
+)
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +33,12 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"log as a nested run of this MLflow run, e.g. the pipeline run's (default: {ENV_PARENT})",
     )
     g.add_argument("--no-tracking", action="store_true", help=f"log nothing to MLflow (also: {ENV_SWITCH}=off)")
+    g.add_argument(
+        "--no-system-metrics",
+        action="store_true",
+        help=f"do not sample CPU, memory, disk, network and GPU use into a training's run "
+        f"(also: {ENV_SYSTEM_METRICS}=off)",
+    )
 
 
 def tracking_options(args: argparse.Namespace) -> TrackingOptions:
@@ -35,4 +48,5 @@ def tracking_options(args: argparse.Namespace) -> TrackingOptions:
         experiment=getattr(args, "experiment", None),
         run_name=getattr(args, "run_name", None),
         parent_run_id=getattr(args, "parent_run_id", None),
+        no_system_metrics=bool(getattr(args, "no_system_metrics", False)),
     )

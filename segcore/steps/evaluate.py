@@ -49,6 +49,7 @@ def evaluate_step(
         name = run_name or f"eval {family.name}"
         with tracking_run(tracking, "eval", run_name=name, bundle=family, tags=tags) as tracker:
             tracker.log_params({"model": redact(model), "test_data": redact(data), "split": split})
+            tracker.log_dataset(manifest, data, split)
             tracker.log_metrics(eval_metrics(scores))
             log_segmentation_report(
                 tracker, predictor, root, split, scores=scores, prefix="test", num_overlays=overlays

@@ -41,6 +41,7 @@ def optimize_step(
     """Quantize ``model`` (IR or bundle, local or s3://) to ``output``/model.xml + report.json;
     return the report (``ir`` as given for s3://)."""
     from segcore import storage
+    from segcore.data.convert import load_manifest
     from segcore.export import IR_NAME, check_new_output
     from segcore.optimize import optimize
     from segcore.tracking import check_tracking, tracking_run
@@ -71,6 +72,7 @@ def optimize_step(
         report = optimize(local_model, template, dataset, local_out, mode=options.mode, progress=progress, **settings)
         report["source"] = model
         tracker.log_params(optimize_params(model, source, report, options))
+        tracker.log_dataset(load_manifest(dataset), source.train_root, "train")  # calibration data
         tracker.log_metrics(optimize_metrics(report))
         tracker.log_artifact(local_out / "report.json")
         tracker.log_artifacts(local_out, "int8_ir")

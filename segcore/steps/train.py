@@ -64,12 +64,14 @@ def train_step(
                 run_name=f"train {t.name}",
                 resume_from=out if resume else None,
                 tags={"segcore.template": t.name},
+                system_metrics=True,
             )
         )
         dataset = _prepare_or_clean(local, out)
         manifest = load_manifest(dataset)
         tracker.write_run_file(out)
         tracker.log_params(train_params(t, config, manifest, source, output, load_weights))
+        tracker.log_dataset(manifest, source.train_root, "train")
         upload = _uploader(output, out)
 
         def on_epoch(record: dict) -> None:

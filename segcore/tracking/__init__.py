@@ -49,6 +49,9 @@ from segcore.tracking.settings import (
     DEFAULT_URI,
     ENV_PARENT,
     ENV_SWITCH,
+    ENV_SYSTEM_METRICS,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     RUN_FILE,
     Settings,
     TrackingOptions,
@@ -57,6 +60,7 @@ from segcore.tracking.settings import (
     read_run_file,
     redact,
     settings_from,
+    ui_url,
 )
 from segcore.tracking.tracker import Tracker
 
@@ -65,6 +69,9 @@ __all__ = [
     "DEFAULT_URI",
     "ENV_PARENT",
     "ENV_SWITCH",
+    "ENV_SYSTEM_METRICS",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "RUN_FILE",
     "Settings",
     "Tracker",
@@ -81,4 +88,5 @@ __all__ = [
     "settings_from",
     "start_run",
     "tracking_run",
+    "ui_url",
 ]

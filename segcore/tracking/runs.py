@@ -16,6 +16,8 @@ from segcore.errors import SegcoreError
 from segcore.tracking.settings import (
     DEFAULT_EXPERIMENT,
     ENV_SWITCH,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     Settings,
     read_run_file,
     redact,
@@ -78,7 +80,8 @@ def _experiment(client, settings: Settings) -> tuple[str, str]:
         from mlflow.exceptions import MlflowException
 
         try:
-            return client.create_experiment(settings.experiment_name), settings.experiment_name
+            tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}  # the UI opens such an experiment on its runs
+            return client.create_experiment(settings.experiment_name, tags=tags), settings.experiment_name
         except MlflowException as exc:  # created meanwhile by a parallel step
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -203,17 +206,21 @@ def tracking_run(
     bundle: str | Path | None = None,
     resume_from: str | Path | None = None,
     tags: Mapping[str, object] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Tracker]:
     """The tracker of one step (a no-op one when tracking is off). The run ends FINISHED when the
     block succeeds, FAILED on an exception, KILLED on Ctrl-C, after the queue is flushed.
 
     ``bundle``: a model bundle this step works on (its tracking.json links the runs);
-    ``resume_from``: an output folder whose tracking.json names a run to continue."""
+    ``resume_from``: an output folder whose tracking.json names a run to continue;
+    ``system_metrics``: log MLflow's system metrics while the block runs (unless the settings
+    turn them off)."""
     settings = settings_from(args)
     if settings is None:
         yield Tracker.disabled()
         return
     tracker = start_run(settings, step, run_name, bundle=bundle, resume_from=resume_from, tags=tags)
+    monitor = _system_monitor(tracker, settings.uri) if system_metrics and settings.system_metrics else None
     status = "FAILED"
     try:
         yield tracker
@@ -222,7 +229,24 @@ def tracking_run(
         status = "KILLED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         tracker.close(status)
+
+
+def _system_monitor(tracker: Tracker, uri: str):
+    """MLflow's system-metrics sampler on the run (every 10 s, or
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL; GPU metrics when nvidia-ml-py finds a GPU), started;
+    None when it cannot start (the step goes on without it)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(tracker.run_id, resume_logging=tracker.resumed, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - system metrics are a nicety, never a reason to fail
+        log.warning("system metrics are not logged: %s", " ".join(str(exc).split())[:200])
+        return None
 
 
 # ---------------------------------------------------------------------------------- a pipeline's runs

@@ -15,6 +15,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "segcore"
 ENV_SWITCH = "SEGCORE_TRACKING"
 ENV_PARENT = "SEGCORE_PARENT_RUN_ID"
+ENV_SYSTEM_METRICS = "SEGCORE_SYSTEM_METRICS"
+# The experiment tag MLflow 3's UI reads to choose an experiment's first page: runs (model
+# training) rather than the GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RUN_FILE = "tracking.json"  # written into an output folder: which run it was logged to
 BEST_ALIAS = "best"
 MODEL_ARTIFACT = "model"
@@ -36,6 +41,7 @@ class TrackingOptions:
     experiment: str | None = None
     run_name: str | None = None
     parent_run_id: str | None = None
+    no_system_metrics: bool = False
 
 
 def redact(uri: str) -> str:
@@ -51,6 +57,7 @@ class Settings:
     injected_run_id: str | None
     parent_run_id: str | None
     run_name: str | None
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU) of steps that train
 
 
 def settings_from(args) -> Settings | None:
@@ -68,7 +75,22 @@ def settings_from(args) -> Settings | None:
         injected_run_id=os.environ.get("MLFLOW_RUN_ID") or None,
         parent_run_id=get("parent_run_id") or os.environ.get(ENV_PARENT) or None,
         run_name=get("run_name"),
+        system_metrics=not get("no_system_metrics")
+        and os.environ.get(ENV_SYSTEM_METRICS, "").strip().lower() not in _OFF,
     )
+
+
+# MLflow 3.17's UI shows every experiment in one of two views chosen by a global switch, GenAI
+# (the default of a new browser: an overview of traces) or Model training (runs, charts); it
+# ignores the experimentKind tag. Links segcore prints name the view, so they open on the runs.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page (at ``base``, e.g. http://127.0.0.1:5000) of an experiment's runs, or of
+    one run, in the UI's Model training view."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_VIEW}"
 
 
 def model_name(experiment_name: str | None, template_name: str) -> str:

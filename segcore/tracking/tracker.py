@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from segcore.tracking.datasets import dataset_input
 from segcore.tracking.queue import SendQueue
 from segcore.tracking.settings import (
     _MAX_BATCH_METRICS,
@@ -25,6 +26,7 @@ from segcore.tracking.settings import (
     RUN_FILE,
     metric_key,
     redact,
+    ui_url,
 )
 
 log = logging.getLogger("segcore.tracking")
@@ -76,7 +78,7 @@ class Tracker:
     def run_url(self) -> str | None:
         if not self.enabled or not self.tracking_uri or not self.tracking_uri.startswith("http"):
             return None
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return ui_url(self.tracking_uri, self.experiment_id, self.run_id)
 
     def _submit(self, what: str, fn: Callable[[], object]) -> None:
         if self._queue is not None:
@@ -118,6 +120,12 @@ class Tracker:
         path = self._spool / f"{self._counter:05d}" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    @_never_raises
+    def log_dataset(self, manifest: dict, source: str, context: str) -> None:
+        """The run's data as an MLflow dataset input (``datasets.dataset_input``)."""
+        entry = dataset_input(manifest, source, context) if self.enabled else None
+        self._submit("dataset input", lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
 
     @_never_raises
     def set_tags(self, tags: Mapping[str, object]) -> None:
