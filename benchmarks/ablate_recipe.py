@@ -72,6 +72,7 @@ def run_one(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> No
         input_size=(h, w),
         num_workers=args.num_workers,
         seed=args.seed,
+        precision=args.precision,
         augment=augment,
         **overrides,
     )
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--precision", default="fp32", help="fp32 (default, comparable across machines), bf16, auto")
     ap.add_argument("--variants", default="seed,ce,no_rot_mix,otx", help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for datasets and runs (git-ignored)")
     ap.add_argument("--one", help=argparse.SUPPRESS)

@@ -32,7 +32,7 @@ def max_pooling_weights(losses: torch.Tensor, ratio: float = 0.25, p: float = 1.
     if size == 0:
         return weights.view_as(losses)
     sorted_losses, order = torch.sort(flat)
-    pos = int(torch.searchsorted(sorted_losses, torch.tensor([_EPS])).item())  # first loss >= eps
+    pos = int(torch.searchsorted(sorted_losses, torch.tensor([_EPS], device=flat.device)).item())  # first >= eps
     n = size - pos
     m = int(ratio * n)
     if n <= 0 or m <= 0:
@@ -42,7 +42,7 @@ def max_pooling_weights(losses: torch.Tensor, ratio: float = 0.25, p: float = 1.
     active = sorted_losses[pos:]
     x = (active / top) ** q  # ascending
     cum = torch.cumsum(x.double(), 0)
-    counter = torch.arange(1, n + 1, dtype=torch.float64) + (m - n)
+    counter = torch.arange(1, n + 1, dtype=torch.float64, device=flat.device) + (m - n)
     eta = counter * x.double() - cum
     hits = torch.nonzero(eta >= _EPS)
     if hits.numel():  # the scan stops at the first index j where eta >= eps

@@ -210,6 +210,8 @@ def quantization_aware_training(
         num_workers=num_workers,
         time_budget_min=None,
         early_stop_start_epoch=1,
+        device="auto",  # the machine's, not the one the bundle was trained on
+        precision="fp32",  # fake-quantizers simulate INT8 on fp32 values
     )
     calibration_set = EvalDataset(dataset_root, "train", config.input_size)
     indices = calibration_sample(list(range(len(calibration_set))), subset_size)
@@ -229,6 +231,7 @@ def quantization_aware_training(
         log.info("QAT: fine-tuning %d epochs at lr %g", config.epochs, config.lr)
         result = train(config, dataset_root, work_dir, initial_model=model, progress=progress)
         best = torch.load(work_dir / BEST, map_location="cpu", weights_only=True)
+        model.to("cpu")  # exported and scored on the CPU
         model.load_state_dict(best["model"])
         model.eval()
     meta["qat"] = {

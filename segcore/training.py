@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segcore import __version__
+from segcore import __version__, devices
 from segcore.bundle import BUNDLE_META
 from segcore.data.convert import load_manifest
 from segcore.data.dataset import EvalDataset, SegmentationDataset, collate_eval
@@ -53,6 +53,8 @@ class TrainConfig(Recipe):
     num_workers: int = 2
     time_budget_min: float | None = None  # stop before an epoch that would overrun this
     augment: dict = field(default_factory=dict)  # AugmentConfig overrides
+    device: str = "auto"  # auto|cpu|cuda|cuda:N (segcore.devices)
+    precision: str = "auto"  # auto|fp32|bf16|fp16: autocast of the forward pass (segcore.devices)
 
     @classmethod
     def from_template(cls, template: str, **overrides) -> TrainConfig:
@@ -227,8 +229,19 @@ class _State:
     optimizer: torch.optim.Optimizer
     scheduler: WarmupPlateauLR
     stopper: EarlyStopping
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
     start_epoch: int = 1
     train_seconds: float = 0.0
+
+    def autocast(self):
+        return devices.autocast(self.device, self.precision)
+
+    def predict(self, images: torch.Tensor, size=None) -> torch.Tensor:
+        """Validation logits of a CPU batch, on the CPU. In fp32 whatever the training's precision:
+        the Dice a training records is the one ``segcore eval`` gives its bundle."""
+        return self.model(images.to(self.device, non_blocking=True), size=size).float().cpu()
 
 
 def train(
@@ -271,7 +284,7 @@ def train(
         if should_stop:
             log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
             break
-    return _write_bundle(config, manifest, output, last_done, state.train_seconds)
+    return _write_bundle(config, manifest, output, last_done, state)
 
 
 def _refuse_existing(output: Path, resume: bool) -> None:
@@ -284,6 +297,8 @@ def _refuse_existing(output: Path, resume: bool) -> None:
 
 
 def _initial_state(config, num_classes, load_weights, resume, output: Path, initial_model) -> _State:
+    device = devices.resolve_device(config.device)
+    precision = devices.resolve_precision(config.precision, device)
     if initial_model is not None:
         model = initial_model
     else:
@@ -292,6 +307,7 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
         from segcore.models import load_backbone_weights
 
         load_backbone_weights(model, load_weights)
+    model.to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -300,7 +316,8 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
         config.plateau_factor, config.plateau_patience, config.min_lr,
     )  # fmt: skip
     stopper = EarlyStopping(config.early_stop_start_epoch, config.early_stop_patience)
-    return _State(model, optimizer, scheduler, stopper)
+    log.info("training on %s in %s", device, precision)
+    return _State(model, optimizer, scheduler, stopper, device, precision, devices.grad_scaler(device, precision))
 
 
 def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -> None:
@@ -345,23 +362,31 @@ def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: in
     train_set.set_epoch(epoch)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     batch_size = min(config.batch_size, len(train_set))
-    return DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, **workers)
+    pin = torch.cuda.is_available() and devices.resolve_device(config.device).type == "cuda"
+    return DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+                      pin_memory=pin, **workers)  # fmt: skip
 
 
 def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: int, progress: bool) -> tuple:
     """One pass over the training split: (mean loss, images seen)."""
     from tqdm import tqdm
 
-    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
     model.train()
     loss_sum, seen, started = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
     for images, masks in bar:
-        loss = criterion(model(images), masks)
+        images = images.to(state.device, non_blocking=True)
+        masks = masks.to(state.device, non_blocking=True)
+        with state.autocast():
+            logits = model(images)
+        loss = criterion(logits.float(), masks)  # the loss (and its softmax) in fp32
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step_iteration()
         loss_sum += loss.item() * len(images)
         seen += len(images)
@@ -378,7 +403,7 @@ def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, e
     train_time = time.perf_counter() - started
     state.model.eval()
     labels = manifest["labels"]
-    scores = evaluate(state.model, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
+    scores = evaluate(state.predict, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
     epoch_time = time.perf_counter() - started
     state.train_seconds += epoch_time
     mdice = scores["mdice"]
@@ -426,7 +451,7 @@ def _save_epoch(state: _State, record: dict, output: Path, manifest: dict, confi
         f.write(json.dumps(record) + "\n")
 
 
-def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: int, train_seconds: float) -> dict:
+def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: int, state: _State) -> dict:
     """model.json, written last: its presence means the training finished."""
     if not (output / BEST).exists():
         raise SegcoreError("training ended before any epoch finished", output)
@@ -447,7 +472,9 @@ def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: 
         "best_epoch": best["epoch"],
         "best_val_mdice": best["mdice"],
         "epochs_run": last_done,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(state.train_seconds, 1),
+        "train_device": str(state.device),
+        "train_precision": state.precision,
         "training_config": asdict(config),
         "dataset_hash": manifest["content_hash"],
         "dataset_splits": manifest["splits"],

@@ -50,6 +50,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed (template default 42)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes (default 2)")
     p.add_argument("--time-budget", type=float, metavar="MIN", help="stop before an epoch would exceed MIN minutes")
+    p.add_argument(
+        "--device",
+        metavar="DEV",
+        help="auto (default: the first CUDA device if torch sees one, else cpu), cpu, cuda, cuda:N",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="forward-pass autocast (loss, softmax and metrics stay fp32); auto (default): bf16 on a CUDA "
+        "device with bf16 or a CPU with AVX512-BF16/AMX, fp16 on older GPUs, else fp32",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
     p.add_argument("--load-weights", metavar="FILE", help="initial backbone weights (.pth, local or s3://)")
     p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
@@ -73,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
         time_budget_min=args.time_budget,
+        device=args.device,
+        precision=args.precision,
     )
     meta = train_step(
         args.template,

@@ -26,6 +26,8 @@ class TrainOptions:
     seed: int | None = None
     num_workers: int = 2
     time_budget_min: float | None = None
+    device: str | None = None  # auto|cpu|cuda|cuda:N (default auto)
+    precision: str | None = None  # auto|fp32|bf16|fp16 (default auto)
 
 
 def train_step(
@@ -51,6 +53,7 @@ def train_step(
 
     t = get_template(template)
     config = TrainConfig.from_template(t.id, **asdict(options))
+    resolved_hardware(config)  # CUDA asked for and missing: refused before any work
     _check_output(output, resume)
     check_tracking(tracking)
     local = source.localized()
@@ -195,7 +198,7 @@ def train_params(template, config, manifest: dict, source: DataSource, output: s
     from segcore import __version__
     from segcore.tracking import redact
 
-    params = {"template": template.id, "template_name": template.name}
+    params = {"template": template.id, "template_name": template.name, **resolved_hardware(config)}
     for key, value in asdict(config).items():
         if key == "augment":
             params.update({f"augment.{k}": v for k, v in value.items()})
@@ -216,6 +219,14 @@ def train_params(template, config, manifest: dict, source: DataSource, output: s
         **source.params(),
     )
     return params
+
+
+def resolved_hardware(config) -> dict:
+    """The device and precision a training's ``auto`` settings mean on this machine."""
+    from segcore import devices
+
+    device = devices.resolve_device(config.device)
+    return {"train_device": str(device), "train_precision": devices.resolve_precision(config.precision, device)}
 
 
 def epoch_metrics(record: dict) -> dict:

@@ -1,0 +1,82 @@
+"""Where a training or a PyTorch evaluation runs, and in which precision.
+
+``--device auto|cpu|cuda|cuda:N``: ``auto`` is the first CUDA device when torch sees one, else the
+CPU. Asking for CUDA where there is none (a CPU build of torch, a node without a driver) is an
+error at once, not hours of training on the CPU.
+
+``--precision auto|fp32|bf16|fp16`` (mixed precision through ``torch.autocast``; the loss, the
+softmax and the metrics stay in fp32): ``auto`` is bf16 where the hardware computes it natively
+(a CUDA device with bf16; a CPU with AVX512-BF16 or AMX), fp16 with a gradient scaler on a CUDA
+device without bf16, and fp32 elsewhere. fp16 needs CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from segcore.errors import SegcoreError
+
+DEVICES = "auto|cpu|cuda|cuda:N"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """The torch device of a ``--device`` value (SegcoreError for CUDA where there is none)."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec != "cuda" and not (spec.startswith("cuda:") and spec[5:].isdigit()):
+        raise SegcoreError(f"--device {spec!r}: expected {DEVICES}")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise SegcoreError(f"--device {spec}: CUDA asked for, but {why} (torch {torch.__version__})")
+    device = torch.device(spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SegcoreError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
+def resolve_precision(spec: str | None, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for a ``--precision`` value on ``device``."""
+    spec = (spec or "auto").strip().lower()
+    if spec not in PRECISIONS:
+        raise SegcoreError(f"--precision {spec!r}: expected one of {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    if spec == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if spec == "fp16" and not cuda:
+        raise SegcoreError("--precision fp16 needs a CUDA device (use bf16 or fp32 on a CPU)")
+    if spec == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise SegcoreError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+    return spec
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's mixed-precision context (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 (disabled, a pass-through, otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

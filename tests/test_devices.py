@@ -1,0 +1,121 @@
+"""Devices and mixed precision (segcore.devices): how --device and --precision resolve, bf16
+autocast against fp32, bundles that do not depend on where they were trained, and the CUDA paths
+(which run where CUDA exists and skip elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from segcore import devices
+from segcore.cli import main
+from segcore.data.synthetic import generate
+from segcore.errors import SegcoreError
+from segcore.models import create_model
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+TINY = ["--epochs", "1", "--input-size", "32x32", "--batch-size", "4", "--num-workers", "0", "--no-tracking"]
+
+
+def test_device_resolution():
+    assert devices.resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    assert devices.resolve_device(None) == devices.resolve_device("auto")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "cuda:-1", "tpu"):
+        with pytest.raises(SegcoreError, match="expected auto"):
+            devices.resolve_device(bad)
+    if not CUDA:
+        with pytest.raises(SegcoreError, match="CUDA asked for, but"):
+            devices.resolve_device("cuda")
+    with pytest.raises(SegcoreError, match="CUDA"):
+        devices.resolve_device(f"cuda:{torch.cuda.device_count() if CUDA else 0}")
+
+
+def test_precision_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert devices.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated where not native
+    assert devices.resolve_precision("FP32", cpu) == "fp32"
+    with pytest.raises(SegcoreError, match="fp16 needs a CUDA device"):
+        devices.resolve_precision("fp16", cpu)
+    with pytest.raises(SegcoreError, match="expected one of"):
+        devices.resolve_precision("fp64", cpu)
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    assert devices.cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+BF16_LOSS_RTOL = 0.01  # measured: 2e-4 relative (Lite-HRNet-s-mod2, 2x3x64x64, max-pooling loss)
+
+
+def test_bf16_autocast_step_one_loss_is_close_to_fp32():
+    from segcore.losses import MaxPoolingCrossEntropy
+
+    torch.manual_seed(0)
+    model = create_model("Lite-HRNet-s-mod2", 4).train()
+    images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    criterion = MaxPoolingCrossEntropy()
+    cpu = torch.device("cpu")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        with devices.autocast(cpu, precision):
+            logits = model(images)
+        assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        losses[precision] = criterion(logits.float(), masks).item()
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=BF16_LOSS_RTOL)
+
+
+def test_a_bundle_trained_in_bf16_records_it_and_evaluates_in_fp32(tmp_path, capsys):
+    gen = generate(tmp_path / "raw", "plain", num_train=8, num_val=4, size=(40, 48), num_classes=3, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
+                 "--device", "cpu", "--precision", "bf16", *TINY]) == 0  # fmt: skip
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["train_precision"] == "bf16" and meta["train_device"] == "cpu"
+    assert meta["training_config"]["precision"] == "bf16"
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(t.dtype != torch.bfloat16 for t in state.values())  # the weights stay fp32
+    capsys.readouterr()
+    assert main(["eval", str(out), "--test-data-root", str(out / "dataset"), "--json", "--no-tracking"]) == 0
+    # validation runs in fp32 whatever the training's precision: eval gives the recorded Dice
+    assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(meta["best_val_mdice"], abs=1e-6)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cuda_asked_for_on_a_machine_without_it_fails_at_once(tmp_path, capsys):
+    gen = generate(tmp_path / "raw", "plain", num_train=8, num_val=4, size=(40, 48), num_classes=3, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
+                 "--device", "cuda", *TINY]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA asked for, but" in err[0], err
+    assert not out.exists()
+
+
+@needs_cuda
+def test_cuda_training_gives_a_bundle_the_cpu_evaluates(tmp_path, capsys):
+    gen = generate(tmp_path / "raw", "plain", num_train=8, num_val=4, size=(40, 48), num_classes=3, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
+                 "--device", "cuda", "--precision", "auto", *TINY]) == 0  # fmt: skip
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["train_device"].startswith("cuda") and meta["train_precision"] in ("bf16", "fp16")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--test-data-root", str(out / "dataset"), "--json", "--no-tracking"]) == 0
+    assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(meta["best_val_mdice"], abs=1e-3)
+
+
+@needs_cuda
+def test_fp16_uses_a_gradient_scaler_on_cuda():
+    scaler = devices.grad_scaler(torch.device("cuda"), "fp16")
+    assert scaler.is_enabled()
+    assert not devices.grad_scaler(torch.device("cpu"), "bf16").is_enabled()
