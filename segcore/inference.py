@@ -15,18 +15,22 @@ from segcore.errors import SegcoreError
 class TorchPredictor:
     """A model bundle (training output folder) in PyTorch eager mode."""
 
-    def __init__(self, bundle: str | Path):
+    def __init__(self, bundle: str | Path, device: str | None = "cpu"):
         from segcore.bundle import load_bundle
+        from segcore.devices import resolve_device
 
         self.path = Path(bundle)
+        self.device = resolve_device(device)
         self.model, self.meta = load_bundle(self.path)
+        self.model.to(self.device)
         self.labels = list(self.meta["labels"])
         self.input_size = tuple(self.meta["input_size"])
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """N,3,H,W normalised input -> N,C,H,W logits."""
-        return self.model(images)
+    def logits(self, images: torch.Tensor, size=None) -> torch.Tensor:
+        """N,3,H,W normalised input (on the CPU) -> N,C,H,W fp32 logits on the CPU (resized to
+        ``size`` when given)."""
+        return self.model(images.to(self.device), size=size).float().cpu()
 
     __call__ = logits
 
@@ -34,7 +38,7 @@ class TorchPredictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB image -> uint8 index mask of the same height and width."""
         x = torch.from_numpy(eval_preprocess(image, self.input_size))[None]
-        logit = self.model(x, size=image.shape[:2])
+        logit = self.logits(x, size=image.shape[:2])
         return logit[0].argmax(0).to(torch.uint8).numpy()
 
 
@@ -79,14 +83,17 @@ def is_ir(path: str | Path) -> bool:
     return path.suffix.lower() == ".xml" or (path.is_dir() and (path / "model.xml").is_file())
 
 
-def load_predictor(path: str | Path, **ov_options) -> TorchPredictor | OpenVINOPredictor:
-    """A PyTorch bundle folder (model.json) or an OpenVINO IR (.xml or a folder with model.xml)."""
+def load_predictor(path: str | Path, device: str | None = None, **ov_options) -> TorchPredictor | OpenVINOPredictor:
+    """A PyTorch bundle folder (model.json) or an OpenVINO IR (.xml or a folder with model.xml).
+    ``device`` (auto|cpu|cuda|cuda:N, default cpu) places a bundle; an IR runs on OpenVINO's CPU."""
     from segcore.bundle import BUNDLE_META
 
     path = Path(path)
     if is_ir(path) and not (path / BUNDLE_META).is_file():
+        if device not in (None, "cpu", "auto"):
+            raise SegcoreError(f"--device {device} applies to PyTorch bundles; an IR runs on OpenVINO's CPU", path)
         return OpenVINOPredictor(path, **ov_options)
-    return TorchPredictor(path)
+    return TorchPredictor(path, device or "cpu")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colors: list, alpha: float = 0.5) -> np.ndarray:

@@ -119,3 +119,27 @@ def test_fp16_uses_a_gradient_scaler_on_cuda():
     scaler = devices.grad_scaler(torch.device("cuda"), "fp16")
     assert scaler.is_enabled()
     assert not devices.grad_scaler(torch.device("cpu"), "bf16").is_enabled()
+
+
+def test_eval_and_predict_take_a_device_for_bundles_only(tiny, tmp_path, capsys):
+    assert main(["eval", str(tiny.cli.run), "--test-data-root", str(tiny.cli.dataset), "--device", "cpu", "--json",
+                 "--no-tracking"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["num_images"] == 4
+    assert main(["eval", str(tiny.cli.ir), "--test-data-root", str(tiny.cli.dataset), "--device", "cuda:0",
+                 "--no-tracking"]) == 2  # fmt: skip
+    assert "applies to PyTorch bundles" in capsys.readouterr().err
+    if not CUDA:
+        images = tiny.raw / "images" / "val"
+        assert main(["predict", str(tiny.cli.run), "--input", str(images), "--output", str(tmp_path / "p"),
+                     "--device", "cuda"]) == 2  # fmt: skip
+        assert "CUDA asked for, but" in capsys.readouterr().err
+
+
+@needs_cuda
+def test_a_bundle_scores_the_same_on_cuda_and_on_the_cpu(tiny, capsys):
+    scores = {}
+    for device in ("cpu", "cuda"):
+        assert main(["eval", str(tiny.cli.run), "--test-data-root", str(tiny.cli.dataset), "--device", device,
+                     "--json", "--no-tracking"]) == 0  # fmt: skip
+        scores[device] = json.loads(capsys.readouterr().out)["mdice"]
+    assert scores["cuda"] == pytest.approx(scores["cpu"], abs=1e-3)

@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from segcore.commands.options import add_tracking_arguments
+    from segcore.commands.options import DEVICE_HELP, add_tracking_arguments
     from segcore.storage import add_storage_arguments
 
     p = sub.add_parser(
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", help="dataset format (default: detect)")
     p.add_argument("--split", default="val", help="split of a canonical dataset to score (default val)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
     add_tracking_arguments(p)
     add_storage_arguments(p)
     p.set_defaults(func=run_eval)
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image or a folder of images")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write colour overlays (<stem>_overlay.png)")
+    p.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
     add_storage_arguments(p)
     p.set_defaults(func=run_predict)
 
@@ -57,6 +59,7 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split,
         progress=not quiet() and sys.stderr.isatty(),
         tracking=tracking_options(args),
+        device=args.device,
     )
     result = {k: scores[k] for k in ("mdice", "miou", "per_class", "num_images", "latency_ms")}
     if args.json:
@@ -75,6 +78,6 @@ def run_predict(args: argparse.Namespace) -> int:
     from segcore.steps import predict_step
 
     storage.configure_from_args(args)
-    count = predict_step(args.model, args.input, args.output, overlays=args.overlay)
+    count = predict_step(args.model, args.input, args.output, overlays=args.overlay, device=args.device)
     print(f"wrote {count} masks to {args.output}")
     return 0

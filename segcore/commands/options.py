@@ -13,6 +13,8 @@ from segcore.tracking import (
     TrackingOptions,
 )
 
+DEVICE_HELP = "where a PyTorch bundle runs: cpu (default), auto, cuda, cuda:N (an IR runs on OpenVINO's CPU)"
+
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tracking (MLflow)")

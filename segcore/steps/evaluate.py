@@ -24,6 +24,7 @@ def evaluate_step(
     tags: dict | None = None,
     progress: bool = False,
     tracking: TrackingOptions | None = None,
+    device: str | None = None,
 ) -> dict:
     """Score ``model`` (bundle or IR, local or s3://) on labelled ``data`` (a canonical dataset's
     ``split``, or raw data, which takes the model's labels); each image at its own size. Returns
@@ -37,7 +38,7 @@ def evaluate_step(
 
     check_tracking(tracking)
     local_model = storage.local_model(model)
-    predictor = load_predictor(local_model)
+    predictor = load_predictor(local_model, device)
     family = local_model.parent if local_model.suffix.lower() == ".xml" else local_model
     with tempfile.TemporaryDirectory(prefix="segcore-eval-") as tmp:
         root, split = _canonical(data, test_ann, fmt, split, Path(tmp), predictor)
@@ -122,7 +123,7 @@ def _write_html(path: str, title: str, predictor, root: Path, split: str, scores
     Path(path).write_text(html_report(heading, scores, summary, panels, predictor.meta["colors"]))
 
 
-def predict_step(model: str, images: str, output: str, *, overlays: bool = False) -> int:
+def predict_step(model: str, images: str, output: str, *, overlays: bool = False, device: str | None = None) -> int:
     """Write one uint8 index-mask PNG per image (same stem, original size) to ``output``, and
     colour overlays with ``overlays``; return the number of images."""
     import cv2
@@ -132,7 +133,7 @@ def predict_step(model: str, images: str, output: str, *, overlays: bool = False
     from segcore.data.sources import IMAGE_EXTENSIONS
     from segcore.inference import load_predictor, overlay
 
-    predictor = load_predictor(storage.local_model(model))
+    predictor = load_predictor(storage.local_model(model), device)
     source = storage.local_input(images)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
