@@ -17,8 +17,6 @@ into the run Kubeflow made for it.
 from collections.abc import Callable
 from pathlib import Path
 
-from segcore.steps.train import checkpoint_prefix  # noqa: F401 - where the train step keeps checkpoints
-
 # What scripts/build_image.sh tags; `segcore pipeline compile --image` puts another on every step.
 DEFAULT_IMAGE = "localhost/segcore:dev"
 

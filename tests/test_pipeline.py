@@ -292,8 +292,8 @@ def test_train_component_retry_resumes_from_s3_checkpoints(steps, s3_env, tmp_pa
     """A training killed after epoch 1 of 2 is retried: the retry continues at epoch 2 from the
     checkpoints under checkpoint_uri; a later attempt finds the finished training and reuses it."""
     import segcore.training
-    from components.common import checkpoint_prefix
     from components.train import train_op
+    from segcore.steps.train import checkpoint_prefix
 
     real = segcore.training.train
 
