@@ -298,3 +298,40 @@ class MlflowServer:
     def restart(self) -> MlflowServer:
         self.stop()
         return self.start()
+
+
+@dataclass
+class MlflowUi:
+    """``mlflow ui`` on an existing store, as a user browses the README's ``sqlite:///mlflow.db``
+    (artifacts where the store's runs recorded them)."""
+
+    store_uri: str
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> MlflowUi:
+        self.port = self.port or free_ports(1)[0]
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", self.store_uri,
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
+        log = open(Path(self.workdir) / "mlflow-ui.log", "ab")  # noqa: SIM115 - kept open for the server's life
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow ui exited:\n{_tail(Path(self.workdir) / 'mlflow-ui.log')}")
+            if _http_status(f"{self.url}/health") == 200:
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mlflow ui not ready after {timeout}s:\n{_tail(Path(self.workdir) / 'mlflow-ui.log')}")
+
+    def stop(self) -> None:
+        _stop_group(self.proc)

@@ -1,7 +1,8 @@
-"""The MLflow UI as a user sees it: a real `mlflow server` (the session's, SQLite + S3 artifacts)
-driven by a headless Chromium through Selenium, after a tracked training and evaluation. The
-experiment page segcore links to opens on its runs with the Dataset column filled; a run shows its
-dataset, its per-epoch Dice charts, its system metrics and its plots.
+"""The MLflow UI as a user sees it: `mlflow ui` on the SQLite store of the session's tiny runs
+(conftest.py: a 2-epoch training, its evaluation and quantization, tracked as the README's main job
+tracks them), driven by a headless Chromium through Selenium. The experiment page segcore links to
+opens on its runs with the Dataset column filled; a run shows its dataset, its per-epoch Dice
+charts, its system metrics and its plots.
 
 Skips where Chromium, its driver or Selenium is missing (CI installs them: `apt-get install
 chromium chromium-driver`). With SEGCORE_UI_SCREENSHOTS=DIR the screenshots are also copied to DIR
@@ -9,48 +10,35 @@ chromium chromium-driver`). With SEGCORE_UI_SCREENSHOTS=DIR the screenshots are 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-
-from segcore.cli import main
+from servers import MlflowUi
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver")
 selenium = pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[dev]')")
 
-TEMPLATE = "Lite-HRNet-s-mod2"
-EXPERIMENT = "ui"
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def logged(mlflow_server, tmp_path_factory):
-    """A 3-epoch tiny training and its evaluation, tracked to the server as a user would."""
+def logged(tiny, tmp_path_factory):
+    """`mlflow ui` on the session's store, and where its training run is."""
     from mlflow import MlflowClient
 
-    from segcore.data.synthetic import generate
+    from segcore.tracking import read_run_file
 
-    work = tmp_path_factory.mktemp("ui")
-    gen = generate(work / "camvid-mini", "plain", num_train=8, num_val=4, size=(40, 48), num_classes=3, seed=2)
-    tiny = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0", "--experiment", EXPERIMENT]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SEGCORE_TRACKING", "on")
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
-        assert main(["train", TEMPLATE, "--train-data-root", str(gen.root), "--output", str(work / "run"),
-                     "--epochs", "3", *tiny]) == 0  # fmt: skip
-        assert main(["eval", str(work / "run"), "--test-data-root", str(work / "run" / "dataset"),
-                     "--experiment", EXPERIMENT]) == 0  # fmt: skip
-    client = MlflowClient(tracking_uri=mlflow_server.url)
-    run_id = json.loads((work / "run" / "tracking.json").read_text())["run_id"]
-    return {"url": mlflow_server.url, "experiment_id": client.get_run(run_id).info.experiment_id, "run_id": run_id,
-            "run_name": f"train {TEMPLATE}", "dataset": gen.root.name}  # fmt: skip
+    ui = MlflowUi(tiny.uri, tmp_path_factory.mktemp("mlflow-ui")).start()
+    run_id = read_run_file(tiny.cli.run)["run_id"]
+    run = MlflowClient(tracking_uri=tiny.uri).get_run(run_id)
+    yield {"url": ui.url, "experiment_id": run.info.experiment_id, "run_id": run_id, "run_name": run.info.run_name,
+           "dataset": Path(tiny.raw).name}  # fmt: skip
+    ui.stop()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +110,7 @@ def test_a_run_shows_its_dataset_dice_per_epoch_system_metrics_and_plots(logged,
     _wait_for_text(browser, "Model metrics")
     _close_assistant(browser)
     browser.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric']").send_keys("val_dice")
-    _wait_for_text(browser, "val_dice", "Step")  # charts over epochs (steps 1..3)
+    _wait_for_text(browser, "val_dice", "Step")  # charts over epochs (steps 1, 2)
     section = browser.find_elements(By.XPATH, "//*[normalize-space(text())='val_dice']")
     assert section, "no val_dice chart section"
     browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", section[-1])

@@ -229,7 +229,7 @@ def test_train_export_quantize_components(steps):
     assert (Path(steps.model.path) / "model.json").is_file() and (Path(steps.model.path) / "best.pt").is_file()
     assert steps.model.metadata["framework"] == "pytorch"
     assert 0.0 <= steps.train_metrics.metadata["best_val_mean_dice"] <= 1.0
-    assert steps.train_metrics.metadata["epochs_run"] == 1
+    assert steps.train_metrics.metadata["epochs_run"] == 2
     assert (Path(steps.ir.path) / "model.xml").is_file() and steps.ir.metadata["precision"] == "FP32"
     assert (Path(steps.int8.path) / "model.xml").is_file() and steps.int8.metadata["precision"] == "INT8"
     m = steps.quant_metrics.metadata
