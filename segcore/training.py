@@ -353,7 +353,7 @@ def _over_budget(config: TrainConfig, state: _State, epoch: int) -> bool:
     return True
 
 
-def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: int) -> DataLoader:
+def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: int, device: torch.device) -> DataLoader:
     if len(train_set) < config.batch_size:
         log.warning("batch size %d > %d training items: using %d", config.batch_size, len(train_set), len(train_set))
     workers = dict(num_workers=config.num_workers, persistent_workers=False)
@@ -362,7 +362,7 @@ def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: in
     train_set.set_epoch(epoch)
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     batch_size = min(config.batch_size, len(train_set))
-    pin = torch.cuda.is_available() and devices.resolve_device(config.device).type == "cuda"
+    pin = device.type == "cuda"
     return DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
                       pin_memory=pin, **workers)  # fmt: skip
 
@@ -399,7 +399,8 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
 def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, epoch, progress) -> tuple[dict, bool]:
     """Train one epoch, validate, step the schedulers; (the metrics record, whether to stop)."""
     started = time.perf_counter()
-    loss, seen = _train_pass(config, state, criterion, _train_loader(config, train_set, epoch), epoch, progress)
+    loader = _train_loader(config, train_set, epoch, state.device)
+    loss, seen = _train_pass(config, state, criterion, loader, epoch, progress)
     train_time = time.perf_counter() - started
     state.model.eval()
     labels = manifest["labels"]

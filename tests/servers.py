@@ -95,6 +95,20 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def _wait_healthy(server, what: str, log: Path, timeout: float) -> None:
+    """Until ``server.url``/health answers 200; stop it and raise (with its log's tail) when its
+    process exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{_tail(log)}")
+        if _http_status(f"{server.url}/health") == 200:
+            return
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"{what} not ready after {timeout}s:\n{_tail(log)}")
+
+
 @dataclass
 class SeaweedS3:
     """``weed server`` with master, volume, filer and S3 gateway on free loopback ports; S3 requests
@@ -277,17 +291,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {self.proc.returncode}:\n{_tail(self.workdir / 'mlflow-server.log')}"
-                )
-            if _http_status(f"{self.url}/health") == 200:
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mlflow server not ready after {timeout}s:\n{_tail(self.workdir / 'mlflow-server.log')}")
+        _wait_healthy(self, "mlflow server", self.workdir / "mlflow-server.log", timeout)
+        return self
 
     def stop(self) -> None:
         _stop_group(self.proc)
@@ -323,15 +328,8 @@ class MlflowUi:
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.workdir
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited:\n{_tail(Path(self.workdir) / 'mlflow-ui.log')}")
-            if _http_status(f"{self.url}/health") == 200:
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mlflow ui not ready after {timeout}s:\n{_tail(Path(self.workdir) / 'mlflow-ui.log')}")
+        _wait_healthy(self, "mlflow ui", Path(self.workdir) / "mlflow-ui.log", timeout)
+        return self
 
     def stop(self) -> None:
         _stop_group(self.proc)
