@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 # One image for every segcore pipeline step: the `segcore` CLI, the library, the Kubeflow
 # components/pipelines and the kfp SDK the pipelines are compiled with (a compiled step runs
-# `python3 -m kfp.dsl.executor_main ...` in this image). CPU only.
+# `python3 -m kfp.dsl.executor_main ...` in this image). The CPU build of torch by default; a
+# CUDA build for GPU nodes with TORCH_VARIANT (a wheel flavour of download.pytorch.org/whl).
 #
 #   docker build -t segcore .                       # torch CPU wheel from TORCH_INDEX_URL
+#   docker build --build-arg TORCH_VARIANT=cu128 -t segcore:cu128 .   # CUDA 12.8 torch, for GPU steps
 #   docker build --build-context wheels=DIR -t segcore .   # torch wheel(s) handed in from DIR
 #   scripts/build_image.sh                          # buildah + podman, no Docker engine (see there)
 #
@@ -20,13 +22,16 @@ FROM scratch AS wheels
 FROM ${BASE_IMAGE}
 
 ARG BASE_IMAGE
-# TORCH_INDEX_URL: an extra index for torch's CPU build (empty: none, torch must then come from
-# the wheels context; PyPI's Linux torch is the CUDA build and the build fails rather than ship it).
+# TORCH_VARIANT: cpu (default, what CI builds and smoke-tests) or a CUDA flavour (cu126, cu128, ...)
+# for GPU nodes. TORCH_INDEX_URL: an extra index for that build (empty: none, torch must then come
+# from the wheels context). The build checks that torch is the variant asked for: PyPI's plain
+# Linux torch is a CUDA build, and a CPU image must not ship it by accident (nor the reverse).
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 
 LABEL org.opencontainers.image.title="segcore" \
-      org.opencontainers.image.description="Semantic segmentation MLOps: Lite-HRNet training, evaluation, export and Kubeflow pipeline steps (CPU)" \
+      org.opencontainers.image.description="Semantic segmentation MLOps: Lite-HRNet training, evaluation, export and Kubeflow pipeline steps (torch ${TORCH_VARIANT})" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
@@ -34,14 +39,15 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SEGCORE_TORCH_VARIANT=${TORCH_VARIANT}
 
-# 1. virtualenv + CPU torch: the biggest layer, changes only with TORCH_VERSION / TORCH_INDEX_URL.
+# 1. virtualenv + torch: the biggest layer, changes only with TORCH_VERSION / _VARIANT / _INDEX_URL.
 RUN --mount=type=bind,from=wheels,target=/tmp/wheels \
     python3 -m venv "$VIRTUAL_ENV" \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" \
         pip install --no-cache-dir --progress-bar off --find-links /tmp/wheels "torch==${TORCH_VERSION}" \
-    && python3 -c "import torch; assert torch.version.cuda is None, 'not a CPU torch: ' + torch.__version__"
+    && python3 -c "import os, torch; v = os.environ['SEGCORE_TORCH_VARIANT']; assert (torch.version.cuda is None) == (v == 'cpu'), f'torch {torch.__version__} is not a {v} build'"
 
 # 2. the runtime dependencies from pyproject.toml (kfp pinned to the version that compiles the
 #    pipelines), without the source: rebuilt only when pyproject.toml changes.
@@ -51,7 +57,7 @@ RUN --mount=type=bind,from=wheels,target=/tmp/wheels \
         > /tmp/requirements.txt \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" \
         pip install --no-cache-dir --progress-bar off --find-links /tmp/wheels -r /tmp/requirements.txt \
-    && python3 -c "import torch; assert torch.version.cuda is None, 'not a CPU torch: ' + torch.__version__" \
+    && python3 -c "import os, torch; v = os.environ['SEGCORE_TORCH_VARIANT']; assert (torch.version.cuda is None) == (v == 'cpu'), f'torch {torch.__version__} is not a {v} build'" \
     && rm /tmp/requirements.txt
 
 # Non-root user (numeric, so Kubernetes' runAsNonRoot can verify it). HOME and the folders the

@@ -142,7 +142,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--train-gpu",
         metavar="TYPE",
-        help="run training on an accelerator, e.g. nvidia.com/gpu (needs a CUDA build of the image; default: CPU)",
+        help="run training on an accelerator, e.g. nvidia.com/gpu (needs the CUDA image, built with "
+        "--build-arg TORCH_VARIANT=cu128, given as --image; default: CPU)",
     )
     g.add_argument("--train-gpu-count", type=int, default=1, help="accelerators for training (default 1)")
     g.add_argument("--train-retries", type=int, default=2, help="retries of a failed training (default 2)")

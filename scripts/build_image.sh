@@ -13,7 +13,9 @@
 #                          the repository). Nothing is written to /var/lib/containers or /etc.
 #   DEBIAN_MIRROR          Debian mirror for debootstrap (default: the machine's apt sources)
 #   TORCH_WHEEL_DIR        where to look for the torch CPU wheel (default /opt/wheels, then pip)
-#   TORCH_INDEX_URL        use this index for CPU torch instead of a wheel (must be reachable)
+#   TORCH_INDEX_URL        use this index for torch instead of a wheel (must be reachable)
+#   TORCH_VARIANT          cpu (default) or a CUDA flavour such as cu128: the image for GPU nodes,
+#                          torch from TORCH_INDEX_URL (default download.pytorch.org/whl/VARIANT)
 #   SMOKE_COMPONENT        module:attribute (or file.py:attribute) of the Kubeflow component to
 #                          run through kfp's executor (default components.convert:convert_op)
 #   SMOKE_COMPONENT_INPUTS JSON {input name: value}; input artifacts are given as paths inside the
@@ -132,7 +134,13 @@ import re, tomllib
 deps = tomllib.load(open('$REPO/pyproject.toml', 'rb'))['project']['dependencies']
 print(next(re.sub(r'^torch\s*==\s*', '', d).strip() for d in deps if re.match(r'torch\s*==', d)))")
 torch_index=${TORCH_INDEX_URL:-}
-if [[ -z $torch_index ]] && ! compgen -G "$CACHE/wheels/torch-${torch_version}+cpu-cp311-*.whl" >/dev/null; then
+torch_variant=${TORCH_VARIANT:-cpu}
+wheels=$CACHE/wheels
+if [[ $torch_variant != cpu ]]; then  # a CUDA build comes from its index; no CPU wheel beside it
+    torch_index=${torch_index:-https://download.pytorch.org/whl/$torch_variant}
+    wheels=$CACHE/wheels-$torch_variant
+    mkdir -p "$wheels"
+elif [[ -z $torch_index ]] && ! compgen -G "$CACHE/wheels/torch-${torch_version}+cpu-cp311-*.whl" >/dev/null; then
     rm -f "$CACHE"/wheels/torch-*.whl
     found=$(compgen -G "${TORCH_WHEEL_DIR:-/opt/wheels}/torch-${torch_version}+cpu-cp311-*linux*x86_64.whl" | head -n 1 || true)
     if [[ -n $found ]]; then
@@ -150,8 +158,8 @@ fi
 version=$(python3 -c "import tomllib; print(tomllib.load(open('$REPO/pyproject.toml', 'rb'))['project']['version'])")
 revision=$(git -C "$REPO" describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "TORCH_VERSION=$torch_version"
-    --build-arg "TORCH_INDEX_URL=$torch_index" --build-arg "VERSION=$version" --build-arg "REVISION=$revision"
-    --build-context "wheels=$CACHE/wheels")
+    --build-arg "TORCH_VARIANT=$torch_variant" --build-arg "TORCH_INDEX_URL=$torch_index"
+    --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-context "wheels=$wheels")
 # HTTPS from the build goes through a proxy whose CA only the host's bundle has
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] &&
     build_args+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
@@ -197,6 +205,11 @@ run -v "$smoke:/work" "$IMAGE" sh -euxc '
         --epochs 1 --input-size 64x64 --batch-size 2 --num-workers 0'
 [[ -f $smoke/dataset/manifest.json && -f $smoke/model/model.json && -f $smoke/model/best.pt ]] ||
     die "convert/train left no manifest.json / model.json / best.pt"
+
+log "smoke: data-parallel training, 2 processes under torchrun (gloo)"
+run -v "$smoke:/work" "$IMAGE" segcore train Lite-HRNet-s-mod2 --train-data-root /work/dataset \
+    --output /work/model-ddp --epochs 1 --input-size 64x64 --batch-size 1 --num-workers 0 --nproc-per-node 2
+grep -q '"train_processes": 2' "$smoke/model-ddp/model.json" || die "the 2-process training left no bundle"
 
 log "smoke: a component through kfp's executor, with the command line the compiled YAML gives"
 # A stand-in component used until components/ has one: it calls segcore and writes an artifact.

@@ -70,6 +70,12 @@ def resolve_precision(spec: str | None, device: torch.device) -> str:
     return spec
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in fp32 when autocast made it bf16 or fp16 (fp32 and fp64 pass unchanged): the
+    loss, the softmax and batch-norm statistics are computed in at least fp32."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 def autocast(device: torch.device, precision: str):
     """The forward pass's mixed-precision context (a no-op for fp32)."""
     if precision == "fp32":

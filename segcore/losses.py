@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segcore import parallel
+from segcore.devices import at_least_fp32
+
 _EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -26,13 +29,14 @@ def max_pooling_weights(losses: torch.Tensor, ratio: float = 0.25, p: float = 1.
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     if p <= 1.0:
         raise ValueError(f"p must be > 1, got {p}")
-    flat = losses.detach().reshape(-1).float()
+    flat = at_least_fp32(losses.detach().reshape(-1))
     weights = torch.zeros_like(flat)
     size = flat.numel()
     if size == 0:
         return weights.view_as(losses)
     sorted_losses, order = torch.sort(flat)
-    pos = int(torch.searchsorted(sorted_losses, torch.tensor([_EPS], device=flat.device)).item())  # first >= eps
+    eps = torch.tensor([_EPS], dtype=flat.dtype, device=flat.device)
+    pos = int(torch.searchsorted(sorted_losses, eps).item())  # first >= eps
     n = size - pos
     m = int(ratio * n)
     if n <= 0 or m <= 0:
@@ -64,11 +68,27 @@ def max_pooling_weights(losses: torch.Tensor, ratio: float = 0.25, p: float = 1.
     return weights.view_as(losses)
 
 
+class CrossEntropy(torch.nn.Module):
+    """Mean cross-entropy over the valid pixels (ignore index excluded) of the global batch: in
+    data-parallel training the sum and the pixel count are taken over all ranks
+    (``segcore.parallel``), so every rank holds the global batch's loss."""
+
+    def __init__(self, ignore_index: int = 255):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
+        count = parallel.all_reduce_sum_((target != self.ignore_index).sum().float())
+        return parallel.sum_across(pixel_loss.sum()) / count.clamp(min=1)
+
+
 class MaxPoolingCrossEntropy(torch.nn.Module):
     """Per-pixel cross-entropy (ignore index excluded) weighted by the max-pooling weights.
 
-    The weights are computed over all valid pixels of the batch, multiplied by their count and
-    used as constants; the result is the mean of weight * loss over the valid pixels.
+    The weights are computed over all valid pixels of the batch (of the global batch, across the
+    ranks, in data-parallel training), multiplied by their count and used as constants; the result
+    is the mean of weight * loss over the valid pixels.
     """
 
     def __init__(self, ignore_index: int = 255, ratio: float = 0.25, p: float = 1.7):
@@ -77,12 +97,12 @@ class MaxPoolingCrossEntropy(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
-        valid = target != self.ignore_index
-        losses = pixel_loss[valid]
-        if losses.numel() == 0:
-            return pixel_loss.sum() * 0.0
-        weights = max_pooling_weights(losses, self.ratio, self.p) * losses.numel()
-        return (weights * losses).mean()
+        losses = pixel_loss[target != self.ignore_index]
+        everyone, start = parallel.gather_flat(losses)
+        if everyone.numel() == 0:
+            return parallel.sum_across(pixel_loss.sum() * 0.0)
+        weights = max_pooling_weights(everyone, self.ratio, self.p)[start : start + losses.numel()]
+        return parallel.sum_across((weights * losses).sum())
 
 
 class DiceCrossEntropy(torch.nn.Module):
@@ -98,15 +118,19 @@ class DiceCrossEntropy(torch.nn.Module):
         self.ignore_index, self.dice_weight, self.smooth = ignore_index, dice_weight, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        logits = at_least_fp32(logits)
         valid = (target != self.ignore_index).unsqueeze(1)
-        if not bool(valid.any()):
-            return logits.sum() * 0.0
+        pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
         probs = logits.softmax(dim=1) * valid
         onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1])
         onehot = onehot.permute(0, 3, 1, 2).to(probs.dtype) * valid
         dims = (0, 2, 3)
-        inter = (probs * onehot).sum(dims)
-        dice = (2 * inter + self.smooth) / (probs.sum(dims) + onehot.sum(dims) + self.smooth)
-        return ce + self.dice_weight * (1.0 - dice.mean())
+        classes = logits.shape[1]
+        local = torch.cat([(probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims), pixel_loss.sum()[None]])
+        sums = parallel.sum_across(local)  # over the global batch in data-parallel training
+        count = parallel.all_reduce_sum_(valid.sum().float())
+        if count == 0:
+            return sums.sum() * 0.0
+        inter, prob_sum, true_sum = sums[:classes], sums[classes : 2 * classes], sums[2 * classes : 3 * classes]
+        dice = (2 * inter + self.smooth) / (prob_sum + true_sum + self.smooth)
+        return sums[-1] / count + self.dice_weight * (1.0 - dice.mean())

@@ -15,14 +15,24 @@ from segcore.errors import SegcoreError
 from segcore.metrics import ConfusionMatrix
 
 
-def scores_of(pairs: Iterable[tuple], labels: Sequence[str] | None, ignore_index: int, num_classes: int = 0) -> dict:
+def scores_of(
+    pairs: Iterable[tuple],
+    labels: Sequence[str] | None,
+    ignore_index: int,
+    num_classes: int = 0,
+    combine: Callable[[np.ndarray, int], tuple[np.ndarray, int]] | None = None,
+) -> dict:
     """Dice/IoU of (prediction, truth) index-mask pairs, summed over all their pixels:
-    ``mdice``, ``miou``, ``per_class`` {name: {dice, iou}}, ``num_images``, ``confusion_matrix``."""
+    ``mdice``, ``miou``, ``per_class`` {name: {dice, iou}}, ``num_images``, ``confusion_matrix``.
+    ``combine(matrix, count)`` may replace the confusion matrix and image count before scoring
+    (data-parallel validation sums them over the ranks)."""
     cm = ConfusionMatrix(len(labels) if labels is not None else num_classes, ignore_index)
     count = 0
     for prediction, truth in pairs:
         cm.update(prediction, truth)
         count += 1
+    if combine is not None:
+        cm.matrix, count = combine(cm.matrix, count)
     scores = cm.scores(list(labels) if labels is not None else None)
     scores["num_images"] = count
     scores["confusion_matrix"] = cm.matrix.tolist()

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segcore import __version__, devices
+from segcore import __version__, devices, parallel
 from segcore.bundle import BUNDLE_META
 from segcore.data.convert import load_manifest
 from segcore.data.dataset import EvalDataset, SegmentationDataset, collate_eval
 from segcore.data.transforms import MEAN, STD, AugmentConfig
 from segcore.errors import SegcoreError
-from segcore.losses import DiceCrossEntropy, MaxPoolingCrossEntropy
+from segcore.losses import CrossEntropy, DiceCrossEntropy, MaxPoolingCrossEntropy
 from segcore.models import create_model, get_template, init_weights
 from segcore.models.templates import Recipe
 
@@ -177,7 +177,7 @@ def make_criterion(config: TrainConfig, ignore_index: int) -> torch.nn.Module:
     if config.loss == "max_pooling":
         return MaxPoolingCrossEntropy(ignore_index, config.max_pooling_ratio, config.max_pooling_p)
     if config.loss == "cross_entropy":
-        return torch.nn.CrossEntropyLoss(ignore_index=ignore_index)
+        return CrossEntropy(ignore_index)
     if config.loss == "ce_dice":
         return DiceCrossEntropy(ignore_index, config.dice_weight)
     raise SegcoreError(f"unknown loss {config.loss!r}; choose max_pooling, cross_entropy or ce_dice")
@@ -201,12 +201,18 @@ def evaluate(
     progress: bool = False,
 ) -> dict:
     """Dice/IoU over all pixels of a split; ``predict(images, size=...)`` resizes the logits to
-    each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR do)."""
+    each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR do).
+
+    In data-parallel training each rank scores every N-th batch (the same batches one process
+    would form) and the confusion matrices are summed: the Dice is exactly one process's."""
     from tqdm import tqdm
 
     from segcore.scoring import scores_of
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval)
+    w = parallel.world()
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    mine = batches[w.rank :: w.size]
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_eval)
 
     def pairs():
         for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -218,14 +224,25 @@ def evaluate(
                 ]
             yield from ((logit.argmax(0), mask) for logit, mask in zip(logits, masks, strict=True))
 
-    return scores_of(pairs(), labels, ignore_index, num_classes)
+    return scores_of(pairs(), labels, ignore_index, num_classes, combine=_sum_over_ranks)
+
+
+def _sum_over_ranks(matrix: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """A confusion matrix and image count summed over the ranks (as they are with one)."""
+    if not parallel.distributed():
+        return matrix, count
+    total = torch.from_numpy(np.append(matrix.reshape(-1), count).astype(np.int64))
+    parallel.all_reduce_sum_(total)
+    return total[:-1].numpy().reshape(matrix.shape), int(total[-1])
 
 
 @dataclass
 class _State:
-    """What a training carries from epoch to epoch (and what last.pt restores)."""
+    """What a training carries from epoch to epoch (and what last.pt restores). ``net`` is what
+    the training pass calls: ``model`` itself, or its DistributedDataParallel wrapper."""
 
     model: torch.nn.Module
+    net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: WarmupPlateauLR
     stopper: EarlyStopping
@@ -234,6 +251,7 @@ class _State:
     scaler: torch.amp.GradScaler | None = None
     start_epoch: int = 1
     train_seconds: float = 0.0
+    world: parallel.World = parallel.World()
 
     def autocast(self):
         return devices.autocast(self.device, self.precision)
@@ -241,7 +259,8 @@ class _State:
     def predict(self, images: torch.Tensor, size=None) -> torch.Tensor:
         """Validation logits of a CPU batch, on the CPU. In fp32 whatever the training's precision:
         the Dice a training records is the one ``segcore eval`` gives its bundle."""
-        return self.model(images.to(self.device, non_blocking=True), size=size).float().cpu()
+        dtype = next(self.model.parameters()).dtype
+        return self.model(images.to(self.device, dtype, non_blocking=True), size=size).float().cpu()
 
 
 def train(
@@ -262,10 +281,16 @@ def train(
     """
     output = Path(output)
     manifest = load_manifest(dataset_root)
-    _refuse_existing(output, resume)
-    output.mkdir(parents=True, exist_ok=True)
+    w = parallel.world()
+
+    def prepare_output() -> None:
+        _refuse_existing(output, resume)
+        output.mkdir(parents=True, exist_ok=True)
+
+    parallel.lead(prepare_output)  # in data-parallel training only rank 0 writes to OUTPUT
     seed_everything(config.seed)
-    state = _initial_state(config, len(manifest["labels"]), load_weights, resume, output, initial_model)
+    weights = load_weights if w.main else None  # DDP hands rank 0's weights to the others
+    state = _initial_state(config, len(manifest["labels"]), weights, resume, output, initial_model)
     if resume:
         _restore(state, output, manifest, config)
     criterion = make_criterion(config, manifest["ignore_index"])
@@ -273,18 +298,20 @@ def train(
     train_set = SegmentationDataset(dataset_root, "train", augment, seed=config.seed)
     val_set = EvalDataset(dataset_root, "val", config.input_size)
     last_done = state.start_epoch - 1
+    progress = progress and w.main
     for epoch in range(state.start_epoch, config.epochs + 1):
-        if _over_budget(config, state, epoch):
+        if parallel.lead(lambda epoch=epoch: _over_budget(config, state, epoch)):
             break
         record, should_stop = _run_epoch(config, state, criterion, train_set, val_set, manifest, epoch, progress)
-        _save_epoch(state, record, output, manifest, config, should_stop)
+        if w.main:
+            _save_epoch(state, record, output, manifest, config, should_stop)
         last_done = epoch
-        if on_epoch:
+        if on_epoch and w.main:
             on_epoch(record)
         if should_stop:
             log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
             break
-    return _write_bundle(config, manifest, output, last_done, state)
+    return parallel.lead(lambda: _write_bundle(config, manifest, output, last_done, state))
 
 
 def _refuse_existing(output: Path, resume: bool) -> None:
@@ -297,7 +324,8 @@ def _refuse_existing(output: Path, resume: bool) -> None:
 
 
 def _initial_state(config, num_classes, load_weights, resume, output: Path, initial_model) -> _State:
-    device = devices.resolve_device(config.device)
+    w = parallel.world()
+    device = parallel.device_for(devices.resolve_device(config.device), w)
     precision = devices.resolve_precision(config.precision, device)
     if initial_model is not None:
         model = initial_model
@@ -307,6 +335,8 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
         from segcore.models import load_backbone_weights
 
         load_backbone_weights(model, load_weights)
+    if w.distributed:
+        model = parallel.sync_batchnorm(model, device)
     model.to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
@@ -316,22 +346,24 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
         config.plateau_factor, config.plateau_patience, config.min_lr,
     )  # fmt: skip
     stopper = EarlyStopping(config.early_stop_start_epoch, config.early_stop_patience)
-    log.info("training on %s in %s", device, precision)
-    return _State(model, optimizer, scheduler, stopper, device, precision, devices.grad_scaler(device, precision))
+    net = model
+    if w.distributed:
+        # Rank 0's parameters and buffers are copied to every rank once; buffers are not re-sent
+        # before each forward pass: synchronised batch norm keeps them equal.
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        log.info("training on %s in %s, rank %d of %d", device, precision, w.rank, w.size)
+    else:
+        log.info("training on %s in %s", device, precision)
+    scaler = devices.grad_scaler(device, precision)
+    return _State(model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w)
 
 
 def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -> None:
     """Continue from OUTPUT/last.pt when there is one (a fresh start otherwise)."""
-    last_path = output / LAST
-    if not last_path.exists():
-        log.info("nothing to resume in %s: starting from scratch", output)
-        (output / METRICS).unlink(missing_ok=True)
+    saved = parallel.lead(lambda: _read_checkpoint(output, manifest, config))  # rank 0 reads, all get it
+    if saved is None:
         return
-    saved = torch.load(last_path, map_location="cpu", weights_only=True)
-    if saved["dataset_hash"] != manifest["content_hash"]:
-        raise SegcoreError("the dataset changed since this training started; use a new --output", output)
-    if saved["template"] != get_template(config.template).id:
-        raise SegcoreError(f"was trained with {saved['template']}, not {config.template}", last_path)
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -340,6 +372,21 @@ def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -
     state.start_epoch = config.epochs + 1 if saved.get("stopped") else saved["epoch"] + 1
     state.train_seconds = saved.get("train_seconds", 0.0)
     log.info("resuming after epoch %d (best mean Dice %.4f)", saved["epoch"], state.stopper.best)
+
+
+def _read_checkpoint(output: Path, manifest: dict, config: TrainConfig) -> dict | None:
+    """OUTPUT/last.pt, checked against the dataset and template (None: nothing to resume)."""
+    last_path = output / LAST
+    if not last_path.exists():
+        log.info("nothing to resume in %s: starting from scratch", output)
+        (output / METRICS).unlink(missing_ok=True)
+        return None
+    saved = torch.load(last_path, map_location="cpu", weights_only=True)
+    if saved["dataset_hash"] != manifest["content_hash"]:
+        raise SegcoreError("the dataset changed since this training started; use a new --output", output)
+    if saved["template"] != get_template(config.template).id:
+        raise SegcoreError(f"was trained with {saved['template']}, not {config.template}", last_path)
+    return saved
 
 
 def _over_budget(config: TrainConfig, state: _State, epoch: int) -> bool:
@@ -353,34 +400,41 @@ def _over_budget(config: TrainConfig, state: _State, epoch: int) -> bool:
     return True
 
 
-def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: int, device: torch.device) -> DataLoader:
-    if len(train_set) < config.batch_size:
-        log.warning("batch size %d > %d training items: using %d", config.batch_size, len(train_set), len(train_set))
+def _train_loader(config: TrainConfig, train_set: SegmentationDataset, epoch: int, state: _State) -> DataLoader:
+    """This rank's batches of an epoch: its share of the global batches (``--batch-size`` per
+    process), shuffled by seed and epoch only, so a resumed or re-sharded run sees the same data."""
+    w = state.world
+    batch_size = config.batch_size
+    if len(train_set) < batch_size * w.size:
+        batch_size = max(1, len(train_set) // w.size)
+        log.warning("batch size %d x %d processes > %d training items: using %d per process",
+                    config.batch_size, w.size, len(train_set), batch_size)  # fmt: skip
     workers = dict(num_workers=config.num_workers, persistent_workers=False)
     if config.num_workers > 0:
         workers["prefetch_factor"] = 2
     train_set.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    batch_size = min(config.batch_size, len(train_set))
-    pin = device.type == "cuda"
-    return DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
-                      pin_memory=pin, **workers)  # fmt: skip
+    sampler = parallel.GlobalBatchSampler(len(train_set), batch_size, config.seed * 1000 + epoch, w.rank, w.size)
+    pin = state.device.type == "cuda"
+    return DataLoader(train_set, batch_sampler=sampler, pin_memory=pin, **workers)
 
 
 def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: int, progress: bool) -> tuple:
-    """One pass over the training split: (mean loss, images seen)."""
+    """One pass over the training split: (mean loss, images seen by all ranks). The loss of a step
+    is the global batch's (the criteria reduce over the ranks)."""
     from tqdm import tqdm
 
     model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
     model.train()
+    ranks = state.world.size
     loss_sum, seen, started = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+    dtype = next(model.parameters()).dtype  # fp32 (fp64 where a numerical check made the model so)
     for images, masks in bar:
-        images = images.to(state.device, non_blocking=True)
+        images = images.to(state.device, dtype=dtype, non_blocking=True)
         masks = masks.to(state.device, non_blocking=True)
         with state.autocast():
-            logits = model(images)
-        loss = criterion(logits.float(), masks)  # the loss (and its softmax) in fp32
+            logits = state.net(images)
+        loss = criterion(devices.at_least_fp32(logits), masks)  # the loss (and its softmax) in fp32
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -388,8 +442,8 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
         scaler.step(optimizer)
         scaler.update()
         scheduler.step_iteration()
-        loss_sum += loss.item() * len(images)
-        seen += len(images)
+        loss_sum += loss.item() * len(images) * ranks
+        seen += len(images) * ranks
         rate = seen / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.lr:.2e}", ips=f"{rate:.2f}")
     bar.close()
@@ -399,7 +453,7 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
 def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, epoch, progress) -> tuple[dict, bool]:
     """Train one epoch, validate, step the schedulers; (the metrics record, whether to stop)."""
     started = time.perf_counter()
-    loader = _train_loader(config, train_set, epoch, state.device)
+    loader = _train_loader(config, train_set, epoch, state)
     loss, seen = _train_pass(config, state, criterion, loader, epoch, progress)
     train_time = time.perf_counter() - started
     state.model.eval()
@@ -407,11 +461,18 @@ def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, e
     scores = evaluate(state.predict, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
     epoch_time = time.perf_counter() - started
     state.train_seconds += epoch_time
+    peak_rss = parallel.all_reduce_sum_(torch.tensor([_peak_rss_mb()], dtype=torch.float64))
     mdice = scores["mdice"]
     improved = mdice > state.stopper.best
     lr_used = state.scheduler.lr
     should_stop = state.stopper.update(epoch, mdice)
     state.scheduler.step_epoch(mdice)
+    if state.world.distributed:  # decided once, by rank 0, for every rank
+        should_stop, scheduler, stopper = parallel.broadcast(
+            (should_stop, state.scheduler.state_dict(), state.stopper.state_dict())
+        )
+        state.scheduler.load_state_dict(scheduler)
+        state.stopper.load_state_dict(stopper)
     record = {
         "epoch": epoch,
         "train_loss": loss,
@@ -421,6 +482,7 @@ def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, e
         "lr": lr_used,
         "img_per_s": seen / train_time,
         "epoch_seconds": epoch_time,
+        "peak_rss_mb": round(float(peak_rss)),
         "best": improved,
     }
     log.info(
@@ -428,6 +490,13 @@ def _run_epoch(config, state: _State, criterion, train_set, val_set, manifest, e
         epoch, loss, mdice, scores["miou"], lr_used, record["img_per_s"], epoch_time, "  (best)" if improved else "",
     )  # fmt: skip
     return record, should_stop
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _save_epoch(state: _State, record: dict, output: Path, manifest: dict, config, stopped: bool) -> None:
@@ -476,6 +545,7 @@ def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: 
         "train_seconds": round(state.train_seconds, 1),
         "train_device": str(state.device),
         "train_precision": state.precision,
+        "train_processes": state.world.size,
         "training_config": asdict(config),
         "dataset_hash": manifest["content_hash"],
         "dataset_splits": manifest["splits"],

@@ -16,6 +16,11 @@ OUTPUT/dataset first) or a canonical dataset written by 'segcore convert'. Data 
 epoch, so --resume continues from S3).
 Defaults come from the template: input 512x512, batch 8, Adam lr 1e-3, 300 epochs with early
 stopping. A killed run continues with the same command plus --resume.
+Data-parallel training: run the same command under torchrun (one node or many; Kubeflow Trainer's
+torch-distributed runtime does this with PET_* variables), or add --nproc-per-node N to have segcore
+start torchrun on this machine. --batch-size is per process: N processes at batch B train what one
+process at batch N x B trains (synchronised batch norm, global-batch loss, sharded validation);
+rank 0 writes the output, logs and uploads. --resume works with any number of processes.
 Runs are tracked in MLflow (default sqlite:///mlflow.db here; see 'mlflow ui'): parameters, per-epoch
 metrics, plots, overlays, the model, registered as segcore-<experiment>-<template> with alias 'best'.
 
@@ -23,6 +28,8 @@ examples:
   segcore train Lite-HRNet-18 --train-data-root data/camvid --output runs/camvid-18 --epochs 20
   segcore train Lite-HRNet-s-mod2 --train-data-root s3://data/camvid --output s3://runs/camvid-s \\
       --tracking-uri http://mlflow:5000 --experiment camvid
+  segcore train Lite-HRNet-18 --train-data-root data/camvid --output runs/ddp --batch-size 4 --nproc-per-node 2
+  torchrun --nnodes 2 --nproc-per-node 4 ... $(which segcore) train Lite-HRNet-18 --batch-size 2 ...
 """
 
 
@@ -61,6 +68,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="forward-pass autocast (loss, softmax and metrics stay fp32); auto (default): bf16 on a CUDA "
         "device with bf16 or a CPU with AVX512-BF16/AMX, fp16 on older GPUs, else fp32",
     )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="start N data-parallel processes on this machine through torchrun (CPU: gloo, cores shared out "
+        "between them; CUDA: NCCL, one GPU each); not under torchrun itself",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="SEC",
+        help="data-parallel training: a rank that waits longer than SEC for the others (one died) fails (default 1800)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
     p.add_argument("--load-weights", metavar="FILE", help="initial backbone weights (.pth, local or s3://)")
     p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
@@ -70,11 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segcore import storage
+    from segcore import parallel, storage
     from segcore.cli import quiet
     from segcore.commands.options import tracking_options
     from segcore.steps import TrainOptions, train_step
 
+    if args.nproc_per_node is not None:
+        return launch_torchrun(args)
     storage.configure_from_args(args)
     options = TrainOptions(
         epochs=args.epochs,
@@ -96,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
         load_weights=args.load_weights,
         progress=not quiet() and sys.stderr.isatty(),
         tracking=tracking_options(args),
+        dist_timeout_s=args.dist_timeout,
     )
+    if not parallel.env_world().main:
+        return 0  # rank 0 reports
     if args.json:
         print(json.dumps(meta))
     else:
@@ -105,3 +130,38 @@ def run(args: argparse.Namespace) -> int:
             f"{meta['best_epoch']} of {meta['epochs_run']} ({meta['train_seconds'] / 60:.1f} min) -> {args.output}"
         )
     return 0
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """``segcore train ... --nproc-per-node N``: the same command, without that flag, as N
+    processes of one node under torchrun (``python -m torch.distributed.run --standalone``)."""
+    import os
+    import subprocess
+
+    from segcore.errors import SegcoreError
+    from segcore.parallel import env_world
+
+    n = args.nproc_per_node
+    if n < 1:
+        raise SegcoreError(f"--nproc-per-node {n}: give at least 1")
+    if env_world().distributed:
+        raise SegcoreError("--nproc-per-node: already running under torchrun; drop the flag")
+    argv = _without_nproc(args.argv)
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # torchrun would give each process 1 thread; share the cores out
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "segcore.cli", *argv]  # fmt: skip
+    return subprocess.call(cmd, env=env)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out

@@ -40,38 +40,64 @@ def train_step(
     load_weights: str | None = None,
     progress: bool = False,
     tracking: TrackingOptions | None = None,
+    dist_timeout_s: float | None = None,
 ) -> dict:
     """Train and write the bundle to ``output`` (uploaded after every epoch when s3://); return
-    the bundle metadata. Everything that can be refused is refused before any download."""
-    import contextlib
+    the bundle metadata. Everything that can be refused is refused before any download.
 
-    from segcore import storage
-    from segcore.data.convert import load_manifest
+    Under torchrun (``WORLD_SIZE`` > 1) this is one rank of a data-parallel training: rank 0 does
+    all of the above; the other ranks get the data (rank 0's copy when they can see it), train, and
+    write nothing. ``dist_timeout_s`` bounds every collective (``segcore.parallel``)."""
+    from segcore import devices, parallel
     from segcore.models import get_template
-    from segcore.tracking import check_tracking, tracking_run
-    from segcore.training import TrainConfig, train
+    from segcore.training import TrainConfig
 
     t = get_template(template)
     config = TrainConfig.from_template(t.id, **asdict(options))
-    resolved_hardware(config)  # CUDA asked for and missing: refused before any work
-    _check_output(output, resume)
-    check_tracking(tracking)
-    local = source.localized()
-    weights = str(storage.local_input(load_weights)) if load_weights else None
+    device = devices.resolve_device(config.device)  # CUDA asked for and missing: refused before any work
+    with parallel.session(parallel.device_for(device, parallel.env_world()), dist_timeout_s) as world:
+        if not world.main:
+            return _train_follower(config, source, resume=resume)
+        return _train_main(t, config, source, output, resume, load_weights, progress, tracking)
+
+
+def _train_main(t, config, source: DataSource, output: str, resume, load_weights, progress, tracking) -> dict:
+    """``train_step`` of one process, or of rank 0."""
+    import contextlib
+
+    from segcore import parallel, storage
+    from segcore.data.convert import load_manifest
+    from segcore.tracking import check_tracking, tracking_run
+    from segcore.training import train
+
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(storage.local_output(output, resume=resume, exist_ok=True))
-        tracker = stack.enter_context(
-            tracking_run(
-                tracking,
-                "train",
-                run_name=f"train {t.name}",
-                resume_from=out if resume else None,
-                tags={"segcore.template": t.name},
-                system_metrics=True,
+
+        def prepare() -> dict:
+            resolved_hardware(config)
+            _check_output(output, resume)
+            check_tracking(tracking)
+            local = source.localized()
+            weights = str(storage.local_input(load_weights)) if load_weights else None
+            out = stack.enter_context(storage.local_output(output, resume=resume, exist_ok=True))
+            tracker = stack.enter_context(
+                tracking_run(
+                    tracking,
+                    "train",
+                    run_name=f"train {t.name}",
+                    resume_from=out if resume else None,
+                    tags={"segcore.template": t.name},
+                    system_metrics=True,
+                )
             )
+            dataset = _prepare_or_clean(local, out)
+            manifest = load_manifest(dataset)
+            return dict(out=out, tracker=tracker, dataset=dataset, manifest=manifest, weights=weights)
+
+        # The other ranks wait for the data (or for the reason there is none).
+        prepared = parallel.lead(
+            prepare, lambda p: {"dataset": str(p["dataset"]), "hash": p["manifest"]["content_hash"]}
         )
-        dataset = _prepare_or_clean(local, out)
-        manifest = load_manifest(dataset)
+        out, tracker, dataset, manifest = (prepared[k] for k in ("out", "tracker", "dataset", "manifest"))
         tracker.write_run_file(out)
         tracker.log_params(train_params(t, config, manifest, source, output, load_weights))
         tracker.log_dataset(manifest, source.train_root, "train")
@@ -81,11 +107,15 @@ def train_step(
             tracker.log_metrics(epoch_metrics(record), step=record["epoch"])
             upload()
 
+        ranks = parallel.world().size
+        batch = f"batch {config.batch_size}" + (f" x {ranks} processes" if ranks > 1 else "")
         log.info(
-            "training %s: input %dx%d, batch %d, lr %g, up to %d epochs",
-            t.name, *config.input_size, config.batch_size, config.lr, config.epochs,
+            "training %s: input %dx%d, %s, lr %g, up to %d epochs",
+            t.name, *config.input_size, batch, config.lr, config.epochs,
         )  # fmt: skip
-        meta = train(config, dataset, out, resume=resume, load_weights=weights, progress=progress, on_epoch=on_epoch)
+        meta = train(
+            config, dataset, out, resume=resume, load_weights=prepared["weights"], progress=progress, on_epoch=on_epoch
+        )
         if tracker.enabled:
             try:
                 log_training_result(tracker, out, dataset, meta)
@@ -93,6 +123,26 @@ def train_step(
                 log.warning("could not log the training result to MLflow: %s", exc)
         upload(final=True)  # before the tracking queue is flushed: the bundle first
     return meta
+
+
+def _train_follower(config, source: DataSource, *, resume: bool) -> dict:
+    """``train_step`` on a rank other than 0: the data (rank 0's canonical copy when this node
+    sees it, its own otherwise), then the training. It writes, logs and uploads nothing."""
+    import tempfile
+
+    from segcore import parallel
+    from segcore.data.convert import MANIFEST, load_manifest
+    from segcore.training import train
+
+    logging.getLogger("segcore").setLevel(logging.WARNING)  # rank 0 reports for everyone
+    shared = parallel.lead(None)
+    with tempfile.TemporaryDirectory(prefix="segcore-rank-") as scratch:
+        dataset = Path(shared["dataset"])
+        if not ((dataset / MANIFEST).is_file() and load_manifest(dataset)["content_hash"] == shared["hash"]):
+            dataset = source.localized().canonical(Path(scratch) / "dataset")
+            if load_manifest(dataset)["content_hash"] != shared["hash"]:
+                raise SegcoreError("this node's copy of the training data differs from rank 0's", dataset)
+        return train(config, dataset, Path(scratch) / "output", resume=resume)
 
 
 def train_resumable(
@@ -223,15 +273,20 @@ def train_params(template, config, manifest: dict, source: DataSource, output: s
 
 def resolved_hardware(config) -> dict:
     """The device and precision a training's ``auto`` settings mean on this machine."""
-    from segcore import devices
+    from segcore import devices, parallel
 
-    device = devices.resolve_device(config.device)
-    return {"train_device": str(device), "train_precision": devices.resolve_precision(config.precision, device)}
+    world = parallel.world()
+    device = parallel.device_for(devices.resolve_device(config.device), world)
+    return {
+        "train_device": str(device),
+        "train_precision": devices.resolve_precision(config.precision, device),
+        "train_processes": world.size,
+    }
 
 
 def epoch_metrics(record: dict) -> dict:
     """A metrics.jsonl record as MLflow metrics: val_dice is the mean Dice, val_dice/<class> per class."""
-    metrics = {k: record[k] for k in ("train_loss", "lr", "img_per_s", "epoch_seconds")}
+    metrics = {k: record[k] for k in ("train_loss", "lr", "img_per_s", "epoch_seconds", "peak_rss_mb") if k in record}
     metrics.update(val_dice=record["val_mdice"], val_miou=record["val_miou"])
     metrics.update({f"val_dice/{name}": dice for name, dice in record["val_dice"].items()})
     return metrics
