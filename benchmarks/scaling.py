@@ -50,7 +50,7 @@ def subset(camvid: Path, work: Path, train_images: int, val_images: int) -> Path
                 (raw / kind / split / name).symlink_to(camvid / kind / split / name)
     shutil.copy(camvid / "dataset_meta.json", raw / "dataset_meta.json")
     subprocess.run([sys.executable, "-m", "segcore.cli", "convert", "--train-data-root", str(raw),
-                    "--output", str(target)], check=True)  # fmt: skip
+                    "--output", str(target)], check=True, env={**os.environ, "SEGCORE_TRACKING": "off"})  # fmt: skip
     return target
 
 

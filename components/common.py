@@ -19,6 +19,15 @@ from pathlib import Path
 
 # What scripts/build_image.sh tags; `segcore pipeline compile --image` puts another on every step.
 DEFAULT_IMAGE = "localhost/segcore:dev"
+# Environment variables each secret may provide (every key optional): the steps' pods and a
+# distributed training's TrainJob nodes get them from the pipeline's secrets, never as values.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
+MLFLOW_SECRET_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 def make_component(func: Callable, image: str = DEFAULT_IMAGE):

@@ -5,6 +5,11 @@ the pod's own disk does not outlive it) the training writes its checkpoints to
 ``<checkpoint_uri>/train-<key>`` after every epoch and always resumes, so a retried attempt
 continues from the last finished epoch; a finished training found there is reused as it is
 (``segcore.steps.train_resumable``).
+
+Distributed: with ``train_nodes`` x ``train_procs_per_node`` > 1 (fixed at compile time) the step
+creates a Kubeflow Trainer TrainJob that trains in ``image`` on every node, waits for it and
+collects the bundle from ``checkpoint_uri`` (required: pods share no disk); ``train_launcher``
+"local" runs that job's command on this machine instead (``components.trainjob``).
 """
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -28,9 +33,24 @@ def train(
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "segcore",
     mlflow_parent_run_id: str = "",
+    train_nodes: int = 1,
+    train_procs_per_node: int = 1,
+    trainer_runtime: str = "torch-distributed",
+    train_node_cpu: str = "",
+    train_node_memory: str = "",
+    train_gpu_type: str = "",
+    train_gpu_count: int = 0,
+    train_launcher: str = "trainjob",
+    keep_train_job: bool = False,
+    train_job_timeout_min: float = 10080.0,
+    image: str = "",
+    s3_secret: str = "segcore-s3",
+    mlflow_secret: str = "segcore-mlflow",
 ):
-    """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri."""
+    """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
+    More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle."""
     from components import common
+    from components.trainjob import Distribution, train_distributed
     from segcore import storage
     from segcore.steps import TrainOptions, train_resumable
     from segcore.tracking import parent_status
@@ -40,10 +60,22 @@ def train(
     options = TrainOptions(epochs or None, batch_size or None, size, lr or None, num_workers=num_workers)
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
+    dist = Distribution(
+        train_nodes, train_procs_per_node, trainer_runtime, train_node_cpu, train_node_memory, train_gpu_type,
+        train_gpu_count, keep_train_job, train_job_timeout_min,
+    )  # fmt: skip
     with parent_status(tracking_options):
-        meta, checkpoints = train_resumable(
-            template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options
-        )
+        if dist.distributed:
+            secrets = {s3_secret: common.S3_SECRET_KEYS, mlflow_secret: common.MLFLOW_SECRET_KEYS}
+            meta, checkpoints = train_distributed(
+                template, dataset.path, model.path, options, checkpoint_uri, {**key, "processes": dist.processes},
+                dist, image=image, secrets=secrets, tracking=tracking_options, s3_endpoint=s3_endpoint,
+                local=train_launcher == "local",
+            )  # fmt: skip
+        else:
+            meta, checkpoints = train_resumable(
+                template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options
+            )
     keys = ("template", "labels", "input_size")
     model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})
     model.metadata.update(best_val_mean_dice=meta["best_val_mdice"], checkpoints=checkpoints)

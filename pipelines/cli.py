@@ -24,6 +24,9 @@ examples:
   segcore pipeline submit --host http://localhost:8080 --image registry.example.com/segcore:0.1.0 \\
       --train-data-root s3://data/camvid --checkpoint-uri s3://runs/checkpoints \\
       --tracking-uri http://mlflow.mlflow:5000 --experiment camvid
+  segcore pipeline submit ... --checkpoint-uri s3://runs/checkpoints --image registry.example.com/segcore:0.1.0-cu128 \
+      --train-nodes 2 --train-procs-per-node 4 --train-gpu nvidia.com/gpu --train-gpu-count 4   # a TrainJob
+  segcore pipeline run --local --train-nodes 2      # that TrainJob's command, run here as 2 "nodes"
 """
 
 # CLI flag dest -> pipeline parameter
@@ -145,7 +148,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         help="run training on an accelerator, e.g. nvidia.com/gpu (needs the CUDA image, built with "
         "--build-arg TORCH_VARIANT=cu128, given as --image; default: CPU)",
     )
-    g.add_argument("--train-gpu-count", type=int, default=1, help="accelerators for training (default 1)")
+    g.add_argument(
+        "--train-gpu-count",
+        type=int,
+        default=1,
+        help="accelerators for training, per node when distributed (default 1)",
+    )
+    _add_distribution(g, cluster=True)
     g.add_argument("--train-retries", type=int, default=2, help="retries of a failed training (default 2)")
     g.add_argument(
         "--s3-secret", default="segcore-s3", help="Kubernetes secret with AWS_* variables (default: %(default)s)"
@@ -155,6 +164,23 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         default="segcore-mlflow",
         help="Kubernetes secret with MLFLOW_* variables (default: %(default)s)",
     )
+
+
+def _add_distribution(g, cluster: bool) -> None:
+    """Distributed training flags: a Kubeflow Trainer TrainJob on a cluster, its command here."""
+    g.add_argument("--train-nodes", type=int, default=1, metavar="N",
+                   help="training nodes; N x M > 1 trains in a Kubeflow Trainer v2.3 TrainJob (default 1)")  # fmt: skip
+    g.add_argument("--train-procs-per-node", type=int, default=1, metavar="M",
+                   help="training processes per node (GPUs per node, or CPU processes; default 1)")  # fmt: skip
+    if not cluster:
+        return
+    g.add_argument("--trainer-runtime", default="torch-distributed", metavar="NAME",
+                   help="ClusterTrainingRuntime of the TrainJob (default %(default)s)")  # fmt: skip
+    g.add_argument("--train-node-cpu", default="", metavar="CPU", help="CPU per training node, e.g. 8")
+    g.add_argument("--train-node-memory", default="", metavar="MEM", help="memory per training node, e.g. 32Gi")
+    g.add_argument("--keep-train-job", action="store_true", help="keep the finished TrainJob (default: deleted)")
+    g.add_argument("--train-job-timeout", type=float, default=7 * 24 * 60, metavar="MIN",
+                   help="fail the train step when its TrainJob runs longer (default 7 days)")  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -185,6 +211,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_params(r, local=True)
+    _add_distribution(r.add_argument_group("distributed training (the TrainJob's command, run here)"), cluster=False)
     r.set_defaults(func=run_local)
 
     s = actions.add_parser("submit", help="start a run on a Kubeflow Pipelines cluster")
@@ -209,11 +236,12 @@ def pipeline_params(args: argparse.Namespace) -> dict:
 
 def options(args: argparse.Namespace):
     from pipelines.segmentation import Options
+    from segcore.errors import SegcoreError
 
     if args.train_gpu_count < 1 or args.train_retries < 0:
-        from segcore.errors import SegcoreError
-
         raise SegcoreError("--train-gpu-count must be at least 1 and --train-retries at least 0")
+    if args.train_nodes < 1 or args.train_procs_per_node < 1:
+        raise SegcoreError("--train-nodes and --train-procs-per-node must be at least 1")
     return Options(
         image=args.image,
         train_accelerator=args.train_gpu,
@@ -221,7 +249,23 @@ def options(args: argparse.Namespace):
         train_retries=args.train_retries,
         s3_secret=args.s3_secret,
         mlflow_secret=args.mlflow_secret,
+        train_nodes=args.train_nodes,
+        train_procs_per_node=args.train_procs_per_node,
+        trainer_runtime=args.trainer_runtime,
+        train_node_cpu=args.train_node_cpu,
+        train_node_memory=args.train_node_memory,
+        keep_train_job=args.keep_train_job,
+        train_job_timeout_min=args.train_job_timeout,
     )
+
+
+def _local_options(args: argparse.Namespace):
+    from pipelines.segmentation import Options
+    from segcore.errors import SegcoreError
+
+    if args.train_nodes < 1 or args.train_procs_per_node < 1:
+        raise SegcoreError("--train-nodes and --train-procs-per-node must be at least 1")
+    return Options(train_nodes=args.train_nodes, train_procs_per_node=args.train_procs_per_node)
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -258,7 +302,7 @@ def run_local(args: argparse.Namespace) -> int:
     steps = _StepLog(sys.stderr)
     try:
         with contextlib.redirect_stdout(steps):  # stdout is for the result
-            result = run(pipeline_params(args), args.pipeline_root)
+            result = run(pipeline_params(args), args.pipeline_root, _local_options(args))
     except PipelineFailed as exc:
         if steps.last_error:
             raise PipelineFailed(f"{exc}; the step said: {steps.last_error}") from None

@@ -80,9 +80,15 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
-def run_local(params: dict, pipeline_root: str | Path) -> LocalRun:
+def run_local(params: dict, pipeline_root: str | Path, options: Options | None = None) -> LocalRun:
     """Run the DAG with ``params`` (pipeline parameters; LOCAL_DEFAULTS fill what is missing) and
-    demo data when no ``train_data_uri`` is given. Raises SegcoreError when a step fails."""
+    demo data when no ``train_data_uri`` is given. Raises SegcoreError when a step fails.
+
+    ``options``: with train nodes x processes > 1 the train step runs the TrainJob it would create
+    on a cluster here (its command once per node, ``PET_*`` set, torchrun on 127.0.0.1); its
+    checkpoints go to ``<pipeline_root>/checkpoints`` unless ``checkpoint_uri`` is given."""
+    from dataclasses import replace
+
     from kfp import local
 
     root = Path(pipeline_root).resolve()
@@ -107,7 +113,10 @@ def run_local(params: dict, pipeline_root: str | Path) -> LocalRun:
         pipeline_root=str(root),
         raise_on_error=True,
     )
-    pipeline = build(Options())
+    options = replace(options or Options(), train_launcher="local")
+    if options.distributed and not params.get("checkpoint_uri"):
+        params["checkpoint_uri"] = str(root / "checkpoints")
+    pipeline = build(options)
     before = {p.name for p in root.iterdir()}
     started = time.perf_counter()
     error = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from components.common import DEFAULT_IMAGE
+from components.common import DEFAULT_IMAGE, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS
 
 PIPELINE_NAME = "segcore-segmentation"
 PIPELINE_DESCRIPTION = (
@@ -38,18 +38,11 @@ PIPELINE_DESCRIPTION = (
 RESOURCES = {
     "convert": ("1", "2Gi"),
     "train": ("4", "8Gi"),
+    "launch": ("1", "2Gi"),  # a distributed train step: creates the TrainJob, waits, moves files
     "validate": ("2", "4Gi"),
     "export": ("1", "4Gi"),
     "quantize": ("2", "8Gi"),
 }
-# Environment variables each secret may provide (every key optional).
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
-MLFLOW_SECRET_KEYS = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
 TASKS = ("convert", "train", "validate", "export", "quantize", "validate-2")
 
 
@@ -64,11 +57,24 @@ class Options:
     """What is fixed when the pipeline is compiled (everything else is a run parameter)."""
 
     image: str = DEFAULT_IMAGE
-    train_accelerator: str | None = None  # e.g. "nvidia.com/gpu" (needs a CUDA build of the image)
+    train_accelerator: str | None = None  # e.g. "nvidia.com/gpu" (needs the CUDA image); per node
     train_accelerator_count: int = 1
     train_retries: int = 2
     s3_secret: str = "segcore-s3"
     mlflow_secret: str = "segcore-mlflow"
+    # Distributed training (nodes x procs > 1): a Kubeflow Trainer v2.3 TrainJob (components.trainjob)
+    train_nodes: int = 1
+    train_procs_per_node: int = 1
+    trainer_runtime: str = "torch-distributed"
+    train_node_cpu: str = ""  # per node, e.g. "8"
+    train_node_memory: str = ""  # per node, e.g. "32Gi"
+    keep_train_job: bool = False
+    train_job_timeout_min: float = 7 * 24 * 60
+    train_launcher: str = "trainjob"  # "local": the TrainJob's command run on this machine (run --local)
+
+    @property
+    def distributed(self) -> bool:
+        return self.train_nodes * self.train_procs_per_node > 1
 
 
 def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
@@ -186,13 +192,38 @@ def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict):
     from kfp import kubernetes
 
     keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri", "s3_endpoint")
-    trained = _configure(ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow), options, "train", "train")
+    if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
+        task = ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow, **_distribution(options))
+        trained = _configure(task, options, "launch", "train (TrainJob)")
+    else:
+        trained = _configure(
+            ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow), options, "train", "train"
+        )
+        kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
+        if options.train_accelerator:
+            trained.set_accelerator_type(options.train_accelerator)
+            trained.set_accelerator_limit(options.train_accelerator_count)
     trained.set_retry(options.train_retries, backoff_duration="60s", backoff_factor=2.0)
-    kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
-    if options.train_accelerator:
-        trained.set_accelerator_type(options.train_accelerator)
-        trained.set_accelerator_limit(options.train_accelerator_count)
     return trained
+
+
+def _distribution(options: Options) -> dict:
+    """The train component's distributed-training arguments (constants in the compiled YAML)."""
+    return dict(
+        train_nodes=options.train_nodes,
+        train_procs_per_node=options.train_procs_per_node,
+        trainer_runtime=options.trainer_runtime,
+        train_node_cpu=options.train_node_cpu,
+        train_node_memory=options.train_node_memory,
+        train_gpu_type=options.train_accelerator or "",
+        train_gpu_count=options.train_accelerator_count if options.train_accelerator else 0,
+        train_launcher=options.train_launcher,
+        keep_train_job=options.keep_train_job,
+        train_job_timeout_min=float(options.train_job_timeout_min),
+        image=options.image,
+        s3_secret=options.s3_secret,
+        mlflow_secret=options.mlflow_secret,
+    )
 
 
 def _quantize_task(ops: dict, options: Options, p: dict, ir, model, dataset, mlflow: dict):

@@ -30,7 +30,9 @@ def read_mask(path: Path) -> np.ndarray:
 
 class SegmentationDataset(Dataset):
     """Items of one split. With ``augment`` set, samples are augmented with a generator seeded
-    by (seed, epoch, index), so a resumed run sees the same data as an uninterrupted one."""
+    by (seed, epoch, index), so a resumed run sees the same data as an uninterrupted one. The
+    index may be an (epoch, index) pair: data-loading workers that live across epochs hold their
+    own copy of the dataset, so the training's sampler sends the epoch along with each index."""
 
     def __init__(self, root: str | Path, split: str, augment: AugmentConfig | None = None, seed: int = 0):
         self.root = Path(root)
@@ -51,11 +53,12 @@ class SegmentationDataset(Dataset):
         item = self.items[index]
         return read_rgb(self.root / item["image"]), read_mask(self.root / item["mask"])
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         image, mask = self.load(index)
         if self.transform is None:
             return image, mask
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         image, mask = self.transform(image, mask, rng)
         return torch.from_numpy(image), torch.from_numpy(mask)
 

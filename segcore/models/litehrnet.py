@@ -68,8 +68,8 @@ class ConvBNAct(nn.Sequential):
         )
         if norm:
             self.bn = nn.BatchNorm2d(out_channels)
-        if act is not None:
-            self.act = act()
+        if act is not None:  # ReLU in place: what follows a conv or BN needs no copy of its output
+            self.act = act(inplace=True) if act is nn.ReLU else act()
 
 
 def _dw_pw(in_channels: int, out_channels: int, stride: int, relu: bool) -> nn.Sequential:
@@ -81,7 +81,7 @@ def _dw_pw(in_channels: int, out_channels: int, stride: int, relu: bool) -> nn.S
         nn.BatchNorm2d(out_channels),
     ]
     if relu:
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 

@@ -158,9 +158,6 @@ def train_resumable(
     checkpoints go to ``<checkpoint_uri>/train-<key>`` (key: dataset content, template and
     ``key``, default the options), a retried attempt resumes there and a finished training found there is reused;
     the bundle then lands in ``model_dir``. Returns (bundle metadata, where the checkpoints are)."""
-    import json
-
-    from segcore import storage
     from segcore.data.convert import load_manifest
 
     source = DataSource(dataset)
@@ -168,16 +165,31 @@ def train_resumable(
         return train_step(template, source, model_dir, options, resume=True, tracking=tracking), model_dir
     manifest = load_manifest(dataset)
     prefix = checkpoint_prefix(checkpoint_uri, manifest["content_hash"], template, key or asdict(options))
-    remote = storage.is_s3(prefix)
-    if storage.exists(f"{prefix}/model.json") if remote else Path(prefix, "model.json").is_file():
+    if finished_at(prefix):
         log.info("%s holds this training, finished: reusing it", prefix)
     else:
         train_step(template, source, prefix, options, resume=True, tracking=tracking)
-    if remote:
+    return collect_bundle(prefix, model_dir), prefix
+
+
+def finished_at(prefix: str) -> bool:
+    """Whether ``prefix`` (a folder or s3:// prefix) holds a finished training (its model.json)."""
+    from segcore import storage
+
+    return storage.exists(f"{prefix}/model.json") if storage.is_s3(prefix) else Path(prefix, "model.json").is_file()
+
+
+def collect_bundle(prefix: str, model_dir: str) -> dict:
+    """Copy the bundle at ``prefix`` into ``model_dir``; its metadata."""
+    import json
+
+    from segcore import storage
+
+    if storage.is_s3(prefix):
         storage.download(prefix, model_dir)
     else:
         shutil.copytree(prefix, model_dir, dirs_exist_ok=True)
-    return json.loads(Path(model_dir, "model.json").read_text()), prefix
+    return json.loads(Path(model_dir, "model.json").read_text())
 
 
 def checkpoint_prefix(checkpoint_uri: str, dataset_hash: str, template: str, settings: dict) -> str:
