@@ -90,7 +90,10 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
         "--epochs", type=int, help="maximum epochs " + default(str(LOCAL_DEFAULTS["epochs"]), "the template's")
     )
     g.add_argument(
-        "--batch-size", type=int, help="images per step " + default(str(LOCAL_DEFAULTS["batch_size"]), "the template's")
+        "--batch-size",
+        type=int,
+        help="images per step, over all training processes "
+        + default(str(LOCAL_DEFAULTS["batch_size"]), "the template's"),
     )
     g.add_argument(
         "--input-size",

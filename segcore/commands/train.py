@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--output", required=True, metavar="DIR", help="training output folder (the model bundle) or s3://bucket/prefix"
     )
     p.add_argument("--epochs", type=int, help="maximum epochs (template default 300)")
-    p.add_argument("--batch-size", type=int, help="images per step (template default 8)")
+    p.add_argument("--batch-size", type=int, help="images per step and process (template default 8)")
     p.add_argument("--input-size", type=parse_size, metavar="HxW", help="crop / network input size (default 512x512)")
     p.add_argument("--lr", type=float, help="base learning rate (template default 1e-3)")
     p.add_argument("--seed", type=int, help="random seed (template default 42)")
