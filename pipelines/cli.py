@@ -243,8 +243,6 @@ def options(args: argparse.Namespace):
 
     if args.train_gpu_count < 1 or args.train_retries < 0:
         raise SegcoreError("--train-gpu-count must be at least 1 and --train-retries at least 0")
-    if args.train_nodes < 1 or args.train_procs_per_node < 1:
-        raise SegcoreError("--train-nodes and --train-procs-per-node must be at least 1")
     return Options(
         image=args.image,
         train_accelerator=args.train_gpu,
@@ -264,10 +262,7 @@ def options(args: argparse.Namespace):
 
 def _local_options(args: argparse.Namespace):
     from pipelines.segmentation import Options
-    from segcore.errors import SegcoreError
 
-    if args.train_nodes < 1 or args.train_procs_per_node < 1:
-        raise SegcoreError("--train-nodes and --train-procs-per-node must be at least 1")
     return Options(train_nodes=args.train_nodes, train_procs_per_node=args.train_procs_per_node)
 
 
@@ -366,14 +361,20 @@ def run_submit(args: argparse.Namespace) -> int:
     import os
 
     from pipelines.run import submit
+    from segcore.errors import SegcoreError
 
     params = pipeline_params(args)
     if params["mlflow_experiment"] is None and args.experiment:
         params["mlflow_experiment"] = args.experiment
+    compiled = options(args)
+    if compiled.distributed and not params.get("checkpoint_uri"):
+        raise SegcoreError(
+            "--train-nodes x --train-procs-per-node > 1 needs --checkpoint-uri s3://...: the nodes share no disk"
+        )
     result = submit(
         args.host,
         params,
-        options(args),
+        compiled,
         namespace=args.namespace,
         experiment=args.experiment,
         run_name=args.run_name,

@@ -72,6 +72,12 @@ class Options:
     train_job_timeout_min: float = 7 * 24 * 60
     train_launcher: str = "trainjob"  # "local": the TrainJob's command run on this machine (run --local)
 
+    def __post_init__(self):
+        if self.train_nodes < 1 or self.train_procs_per_node < 1:
+            from segcore.errors import SegcoreError
+
+            raise SegcoreError("--train-nodes and --train-procs-per-node must be at least 1")
+
     @property
     def distributed(self) -> bool:
         return self.train_nodes * self.train_procs_per_node > 1

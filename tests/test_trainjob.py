@@ -122,9 +122,10 @@ class FakeKubernetes(http.server.ThreadingHTTPServer):
     """Just enough of the Kubernetes API: TrainJobs (create/get/delete) and node 0's pod and log.
     ``statuses`` is what successive GETs of a job return (the last one repeats)."""
 
-    def __init__(self, statuses: list[dict | None], log_lines: list[str], has_api: bool = True):
+    def __init__(self, statuses: list[dict | None], log_lines: list[str], has_api: bool = True, schema_error=""):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.statuses, self.log_lines, self.has_api = statuses, log_lines, has_api
+        self.schema_error = schema_error  # what a strict create on another Trainer version answers
         self.jobs: dict[str, dict] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.gets = 0
@@ -171,6 +172,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         jobs = self.server.jobs
         if method == "POST":
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.server.schema_error:
+                return self._status(400, "BadRequest", self.server.schema_error)
             if body["metadata"]["name"] in jobs:
                 return self._status(409, "AlreadyExists", f'trainjobs "{body["metadata"]["name"]}" already exists')
             jobs[body["metadata"]["name"]] = body
@@ -213,8 +216,8 @@ def cluster(tmp_path, monkeypatch):
     """Start a fake API server and point a kubeconfig (namespace team-a) at it."""
     servers = []
 
-    def start(statuses, log_lines=("INFO segcore.training: epoch 1: loss 1.2",), has_api=True):
-        server = FakeKubernetes(list(statuses), list(log_lines), has_api)
+    def start(statuses, log_lines=("INFO segcore.training: epoch 1: loss 1.2",), has_api=True, schema_error=""):
+        server = FakeKubernetes(list(statuses), list(log_lines), has_api, schema_error)
         servers.append(server)
         config = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
                   "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
@@ -299,6 +302,26 @@ def test_a_cluster_without_trainer_is_a_clear_error_and_creates_nothing(cluster)
     ):
         launcher.run(_job_in(), timeout_s=5)
     assert not server.jobs
+
+
+def test_a_trainer_of_another_version_rejects_the_job_whole_with_a_clear_error(cluster):
+    server, launcher = cluster([None], schema_error='TrainJob in version "v1alpha1" cannot be handled as a TrainJob: '
+                               'strict decoding error: unknown field "spec.trainer.numProcPerNode"')  # fmt: skip
+    with pytest.raises(SegcoreError, match="rendered for Kubeflow Trainer v2.3|Trainer v2.3, is that"):
+        launcher.run(_job_in(), timeout_s=5)
+    assert not server.jobs
+
+
+def test_a_distributed_step_needs_a_checkpoint_uri(tmp_path, capsys):
+    from components.trainjob import train_distributed
+    from segcore.cli import main
+
+    with pytest.raises(SegcoreError, match="needs checkpoint_uri"):
+        train_distributed("Lite-HRNet-s-mod2", str(tmp_path), str(tmp_path / "m"), TrainOptions(), "", {},
+                          Distribution(nodes=2), image=IMAGE, secrets=SECRETS)  # fmt: skip
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--train-data-root", "s3://b/d",
+                 "--train-nodes", "2"]) == 2  # fmt: skip
+    assert "needs --checkpoint-uri" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ a local two-node run
