@@ -41,6 +41,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "otx_kaiming": ({"loss": "cross_entropy", "warmup_iters": 100, "plateau_patience": 4, "init": "kaiming"}, OTX_AUG),
     "otx_dice": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4}, OTX_AUG),
     "otx_dice_kaiming": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "init": "kaiming"}, OTX_AUG),
+    "otx_ema": ({"loss": "cross_entropy", "warmup_iters": 100, "plateau_patience": 4, "ema_decay": 0.99}, OTX_AUG),
+    "otx_dice_lr2": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "lr": 2e-3}, OTX_AUG),
+    "otx_dice_ema": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "ema_decay": 0.99}, OTX_AUG),
 }
 
 
@@ -73,6 +76,7 @@ def run_one(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> No
         num_workers=args.num_workers,
         seed=args.seed,
         precision=args.precision,
+        probe_ema_decays=tuple(float(d) for d in args.probe_ema.split(",") if d.strip()),
         augment=augment,
         **overrides,
     )
@@ -89,6 +93,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--precision", default="fp32", help="fp32 (default, comparable across machines), bf16, auto")
+    ap.add_argument("--probe-ema", default="", help="comma-separated EMA decays also scored every epoch")
     ap.add_argument("--variants", default="seed,ce,no_rot_mix,otx", help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for datasets and runs (git-ignored)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -127,6 +132,15 @@ def main() -> int:
             "changes": VARIANTS[name],
             "val_mdice": [round(e["val_mdice"], 4) for e in epochs],
             "train_loss": [round(e["train_loss"], 4) for e in epochs],
+            **(
+                {
+                    "val_mdice_ema": {
+                        d: [round(e["val_mdice_ema"][d], 4) for e in epochs] for d in epochs[0]["val_mdice_ema"]
+                    }
+                }
+                if "val_mdice_ema" in epochs[0]
+                else {}
+            ),
             "img_per_s": round(sum(e["img_per_s"] for e in epochs) / len(epochs), 2),
             "final_per_class": {k: None if v is None else round(v, 3) for k, v in epochs[-1]["val_dice"].items()},
             "wall_min": round((time.perf_counter() - started) / 60, 1),
@@ -135,9 +149,11 @@ def main() -> int:
         rows.append(row)
         with open(work / "ablation.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-    print(f"\n{'variant':<12} " + " ".join(f"e{i + 1:<5}" for i in range(args.epochs)))
+    print(f"\n{'variant':<20} " + " ".join(f"e{i + 1:<5}" for i in range(args.epochs)))
     for row in rows:
-        print(f"{row['variant']:<12} " + " ".join(f"{v:.3f} " for v in row["val_mdice"]))
+        print(f"{row['variant']:<20} " + " ".join(f"{v:.3f} " for v in row["val_mdice"]))
+        for decay, curve in row.get("val_mdice_ema", {}).items():
+            print(f"{'  ema ' + decay:<20} " + " ".join(f"{v:.3f} " for v in curve))
     return 0
 
 

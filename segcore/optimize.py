@@ -212,6 +212,8 @@ def quantization_aware_training(
         early_stop_start_epoch=1,
         device="auto",  # the machine's, not the one the bundle was trained on
         precision="fp32",  # fake-quantizers simulate INT8 on fp32 values
+        ema_decay=0.0,  # fine-tunes the quantized network itself
+        probe_ema_decays=(),
     )
     calibration_set = EvalDataset(dataset_root, "train", config.input_size)
     indices = calibration_sample(list(range(len(calibration_set))), subset_size)

@@ -35,6 +35,7 @@ from segcore.errors import SegcoreError
 from segcore.losses import CrossEntropy, DiceCrossEntropy, MaxPoolingCrossEntropy
 from segcore.models import create_model, get_template, init_weights
 from segcore.models.templates import Recipe
+from segcore.semi import SemiConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class TrainConfig(Recipe):
     augment: dict = field(default_factory=dict)  # AugmentConfig overrides
     device: str = "auto"  # auto|cpu|cuda|cuda:N (segcore.devices)
     precision: str = "auto"  # auto|fp32|bf16|fp16: autocast of the forward pass (segcore.devices)
+    # Diagnostics: more weight averages (their decays) scored after every epoch beside the model the
+    # training validates; their Dice goes to metrics.jsonl (``val_mdice_ema``), nothing else.
+    probe_ema_decays: tuple[float, ...] = ()
+    semi: dict = field(default_factory=dict)  # SemiConfig overrides; used when unlabelled images are given
 
     @classmethod
     def from_template(cls, template: str, **overrides) -> TrainConfig:
@@ -117,6 +122,44 @@ class WarmupPlateauLR:
         for k, v in state.items():
             setattr(self, k, v)
         self._apply()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics, updated after
+    every optimizer step: ``avg = d * avg + (1 - d) * model`` with ``d = min(decay, (1 + n) / (10 + n))``
+    after n updates, so the first steps are not averaged with the random initialisation. The
+    average is a separate copy of the network, used for validation and shipped in the bundle."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise SegcoreError(f"an EMA decay must lie in (0, 1), not {decay}")
+        import copy
+
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
+        self.updates += 1
+        for avg, now in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(now.detach(), 1.0 - d)
+            else:
+                avg.copy_(now)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 class EarlyStopping:
@@ -252,15 +295,39 @@ class _State:
     start_epoch: int = 1
     train_seconds: float = 0.0
     world: parallel.World = parallel.World()
+    ema: WeightAverage | None = None  # ema_decay > 0: the weights validated; semi-supervised: the teacher
+    probes: list[WeightAverage] = field(default_factory=list)  # TrainConfig.probe_ema_decays
+    semi: SemiConfig | None = None  # semi-supervised training (unlabelled images given)
+    unlabeled_images: int = 0
+
+    @property
+    def shipped(self) -> torch.nn.Module:
+        """The network best.pt would hold if chosen alone: the weight average, else the model."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def candidates(self) -> dict[str, torch.nn.Module]:
+        """The networks validated after each epoch; the best-scoring one is the epoch's score and
+        goes into best.pt. Semi-supervised: the teacher and the student; else one network."""
+        if self.semi is not None:
+            return {"teacher": self.ema.model, "student": self.model}
+        return {"average" if self.ema is not None else "model": self.shipped}
 
     def autocast(self):
         return devices.autocast(self.device, self.precision)
 
-    def predict(self, images: torch.Tensor, size=None) -> torch.Tensor:
+    def after_step(self) -> None:
+        for average in ([self.ema] if self.ema is not None else []) + self.probes:
+            average.update(self.model)
+
+    def predictor(self, net: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """Validation logits of a CPU batch, on the CPU. In fp32 whatever the training's precision:
         the Dice a training records is the one ``segcore eval`` gives its bundle."""
-        dtype = next(self.model.parameters()).dtype
-        return self.model(images.to(self.device, dtype, non_blocking=True), size=size).float().cpu()
+        dtype = next(net.parameters()).dtype
+
+        def predict(images: torch.Tensor, size=None) -> torch.Tensor:
+            return net(images.to(self.device, dtype, non_blocking=True), size=size).float().cpu()
+
+        return predict
 
 
 def train(
@@ -273,11 +340,13 @@ def train(
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     initial_model: torch.nn.Module | None = None,
+    unlabeled: list[Path] | None = None,
 ) -> dict:
     """Train ``config.template`` on a canonical dataset; return the bundle metadata.
 
     ``initial_model`` replaces the freshly built network (quantization-aware training passes a
-    trained segmenter with fake-quantizers inserted).
+    trained segmenter with fake-quantizers inserted). ``unlabeled`` (image files) switches on
+    semi-supervised training (``segcore.semi``) with ``config.semi``'s settings.
     """
     output = Path(output)
     manifest = load_manifest(dataset_root)
@@ -291,6 +360,9 @@ def train(
     seed_everything(config.seed)
     weights = load_weights if w.main else None  # DDP hands rank 0's weights to the others
     state = _initial_state(config, len(manifest["labels"]), weights, resume, output, initial_model)
+    if unlabeled:
+        state.semi = SemiConfig(**config.semi)
+        state.ema = WeightAverage(state.model, state.semi.teacher_decay)  # the teacher
     if resume:
         _restore(state, output, manifest, config)
     criterion = make_criterion(config, manifest["ignore_index"])
@@ -300,6 +372,8 @@ def train(
     last_done = state.start_epoch - 1
     progress = progress and w.main
     loader = _train_loader(config, train_set, state)
+    if state.semi is not None:
+        loader = _with_unlabeled(config, state, train_set, loader, unlabeled, augment)
     for epoch in range(state.start_epoch, config.epochs + 1):
         if parallel.lead(lambda epoch=epoch: _over_budget(config, state, epoch)):
             break
@@ -313,6 +387,50 @@ def train(
             log.info("early stopping: no improvement for %d epochs", config.early_stop_patience)
             break
     return parallel.lead(lambda: _write_bundle(config, manifest, output, last_done, state))
+
+
+class _SemiLoader:
+    """The labelled loader with the unlabelled one beside it: yields (images, masks, unlabelled)
+    where unlabelled is (weak, strong, valid) or None in the epochs before the unlabelled start."""
+
+    def __init__(self, labelled: DataLoader, unlabelled: DataLoader, start_epoch: int):
+        self.labelled, self.unlabelled, self.start_epoch = labelled, unlabelled, start_epoch
+        self.batch_sampler = self  # set_epoch reaches both samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.labelled.batch_sampler.set_epoch(epoch)
+        self.unlabelled.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __iter__(self):
+        if self.epoch < self.start_epoch:
+            for images, masks in self.labelled:
+                yield images, masks, None
+            return
+        for (images, masks), extra in zip(self.labelled, self.unlabelled, strict=True):
+            yield images, masks, extra
+
+
+def _with_unlabeled(config, state: _State, train_set, loader: DataLoader, files: list[Path], augment) -> _SemiLoader:
+    from segcore.semi import UnlabeledBatches, UnlabeledDataset, image_digest
+
+    labelled = {image_digest(train_set.load(i)[0]) for i in range(len(train_set))}
+    data = UnlabeledDataset(files, augment, state.semi, config.seed, labelled)
+    w = state.world
+    sampler = UnlabeledBatches(len(data), state.semi.unlabeled_batch_size, len(loader), config.seed, w)
+    workers = dict(num_workers=config.num_workers)
+    if config.num_workers > 0:
+        workers.update(prefetch_factor=2, persistent_workers=True)
+    state.unlabeled_images = len(data)
+    unlabelled = DataLoader(data, batch_sampler=sampler, pin_memory=state.device.type == "cuda", **workers)
+    log.info(
+        "semi-supervised (Mean Teacher): %d unlabelled images, batch %d beside the labelled %d, from epoch %d",
+        len(data), state.semi.unlabeled_batch_size, config.batch_size, state.semi.unlabeled_start_epoch,
+    )  # fmt: skip
+    return _SemiLoader(loader, unlabelled, state.semi.unlabeled_start_epoch)
 
 
 def _refuse_existing(output: Path, resume: bool) -> None:
@@ -357,7 +475,9 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
     else:
         log.info("training on %s in %s", device, precision)
     scaler = devices.grad_scaler(device, precision)
-    return _State(model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w)
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    probes = [WeightAverage(model, d) for d in config.probe_ema_decays]
+    return _State(model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w, ema=ema, probes=probes)
 
 
 def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -> None:
@@ -366,6 +486,14 @@ def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -
     if saved is None:
         return
     state.model.load_state_dict(saved["model"])
+    if state.ema is not None:
+        if "ema" in saved:
+            state.ema.load_state_dict(saved["ema"])
+        else:  # a checkpoint of a training without averaging: start the average here
+            state.ema = WeightAverage(state.model, state.ema.decay)
+    for probe in state.probes:
+        if f"ema_{probe.decay}" in saved.get("probes", {}):
+            probe.load_state_dict(saved["probes"][f"ema_{probe.decay}"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.stopper.load_state_dict(saved["early_stopping"])
@@ -452,14 +580,19 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
     model.train()
     ranks = state.world.size
     loss_sum, seen, started = 0.0, 0, time.perf_counter()
+    unsup = {"loss": 0.0, "used": 0.0, "steps": 0}
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
     dtype = next(model.parameters()).dtype  # fp32 (fp64 where a numerical check made the model so)
-    for images, masks in bar:
+    for batch in bar:
+        images, masks, extra = batch if len(batch) == 3 else (*batch, None)
         images = images.to(state.device, dtype=dtype, non_blocking=True)
         masks = masks.to(state.device, non_blocking=True)
-        with state.autocast():
-            logits = state.net(images)
-        loss = criterion(devices.at_least_fp32(logits), masks)  # the loss (and its softmax) in fp32
+        if extra is None:
+            with state.autocast():
+                logits = state.net(images)
+            loss = criterion(devices.at_least_fp32(logits), masks)  # the loss (and its softmax) in fp32
+        else:
+            loss = _semi_loss(state, criterion, images, masks, extra, epoch, unsup, dtype)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -467,23 +600,65 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
         scaler.step(optimizer)
         scaler.update()
         scheduler.step_iteration()
+        state.after_step()
         loss_sum += loss.item() * len(images) * ranks
         seen += len(images) * ranks
         rate = seen / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.lr:.2e}", ips=f"{rate:.2f}")
     bar.close()
-    return loss_sum / max(seen, 1), seen
+    extras = {}
+    if state.semi is not None:
+        steps = max(unsup["steps"], 1)
+        extras = {"train_unsup_loss": unsup["loss"] / steps, "pseudo_pixel_share": unsup["used"] / steps}
+    return loss_sum / max(seen, 1), seen, extras
+
+
+def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup: dict, dtype) -> torch.Tensor:
+    """The labelled loss plus the weighted unsupervised loss of one step. The student sees the
+    labelled images and the strong views in one forward pass (one batch-norm batch, one DDP call);
+    the teacher labels the weak views."""
+    from segcore.semi import ignore_share, pseudo_labels, unsupervised_loss
+
+    weak, strong, valid = (t.to(state.device, non_blocking=True) for t in extra)
+    weak, strong = weak.to(dtype), strong.to(dtype)
+    with torch.no_grad(), state.autocast():
+        teacher_logits = state.ema.model(weak)
+    labels = pseudo_labels(devices.at_least_fp32(teacher_logits), valid, ignore_share(state.semi, epoch))
+    with state.autocast():
+        logits = state.net(torch.cat([images, strong]))
+    logits = devices.at_least_fp32(logits)
+    supervised = criterion(logits[: len(images)], masks)
+    unsupervised = unsupervised_loss(logits[len(images) :], labels)
+    unsup["loss"] += float(unsupervised.detach())
+    unsup["used"] += float((labels != 255).float().mean())
+    unsup["steps"] += 1
+    return supervised + state.semi.unlabeled_weight * unsupervised
 
 
 def _run_epoch(config, state: _State, criterion, loader, val_set, manifest, epoch, progress) -> tuple[dict, bool]:
     """Train one epoch, validate, step the schedulers; (the metrics record, whether to stop)."""
     started = time.perf_counter()
     loader.batch_sampler.set_epoch(epoch)
-    loss, seen = _train_pass(config, state, criterion, loader, epoch, progress)
+    loss, seen, extras = _train_pass(config, state, criterion, loader, epoch, progress)
     train_time = time.perf_counter() - started
     state.model.eval()
     labels = manifest["labels"]
-    scores = evaluate(state.predict, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
+    by_source = {}
+    for name, net in state.candidates().items():
+        net.eval()
+        by_source[name] = evaluate(
+            state.predictor(net), val_set, len(labels), manifest["ignore_index"], labels, progress=progress
+        )
+    source = max(by_source, key=lambda name: by_source[name]["mdice"])  # the first on a tie
+    scores = by_source[source]
+    probes = {}
+    for probe in state.probes:
+        probe_scores = evaluate(state.predictor(probe.model), val_set, len(labels), manifest["ignore_index"], labels)
+        probes[str(probe.decay)] = probe_scores["mdice"]
+    if state.ema is not None and state.probes:  # the model itself beside its averages
+        probes["none"] = evaluate(state.predictor(state.model), val_set, len(labels), manifest["ignore_index"], labels)[
+            "mdice"
+        ]
     epoch_time = time.perf_counter() - started
     state.train_seconds += epoch_time
     peak_rss = parallel.all_reduce_sum_(torch.tensor([_peak_rss_mb()], dtype=torch.float64))
@@ -509,7 +684,13 @@ def _run_epoch(config, state: _State, criterion, loader, val_set, manifest, epoc
         "epoch_seconds": epoch_time,
         "peak_rss_mb": round(float(peak_rss)),
         "best": improved,
+        "weights_from": source,
+        **extras,
     }
+    if len(by_source) > 1:
+        record["val_mdice_by_source"] = {name: s["mdice"] for name, s in by_source.items()}
+    if probes:
+        record["val_mdice_ema"] = probes
     log.info(
         "epoch %d: loss %.4f  val mDice %.4f  mIoU %.4f  lr %.2e  %.2f img/s  %.0fs%s",
         epoch, loss, mdice, scores["miou"], lr_used, record["img_per_s"], epoch_time, "  (best)" if improved else "",
@@ -527,10 +708,13 @@ def _peak_rss_mb() -> float:
 def _save_epoch(state: _State, record: dict, output: Path, manifest: dict, config, stopped: bool) -> None:
     """best.pt when the epoch improved, last.pt (the resume point), a metrics.jsonl line."""
     if record["best"]:
-        _save_atomic({"model": state.model.state_dict(), "epoch": record["epoch"], "mdice": record["val_mdice"]},
-                     output / BEST)  # fmt: skip
+        chosen = state.candidates()[record["weights_from"]]
+        _save_atomic({"model": chosen.state_dict(), "epoch": record["epoch"], "mdice": record["val_mdice"],
+                      "weights_from": record["weights_from"]}, output / BEST)  # fmt: skip
     checkpoint = {
         "model": state.model.state_dict(),
+        **({"ema": state.ema.state_dict()} if state.ema is not None else {}),
+        **({"probes": {f"ema_{p.decay}": p.state_dict() for p in state.probes}} if state.probes else {}),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "early_stopping": state.stopper.state_dict(),
@@ -566,12 +750,14 @@ def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: 
         "weights": BEST,
         "best_epoch": best["epoch"],
         "best_val_mdice": best["mdice"],
+        "best_weights_from": best.get("weights_from", "model"),
         "epochs_run": last_done,
         "train_seconds": round(state.train_seconds, 1),
         "train_device": str(state.device),
         "train_precision": state.precision,
         "train_processes": state.world.size,
         "training_config": asdict(config),
+        **({"semi_supervised": {"unlabeled_images": state.unlabeled_images}} if state.semi is not None else {}),
         "dataset_hash": manifest["content_hash"],
         "dataset_splits": manifest["splits"],
     }

@@ -46,6 +46,20 @@ def _train_worker(rank, world, port, dataset: str, output: str, batch: int, loss
         train(config, dataset, output if rank == 0 else f"{output}-rank{rank}")
 
 
+def _semi_worker(rank, world, port, dataset: str, photos: str, output: str, batch: int, unlabeled: int) -> None:
+    from segcore.semi import list_unlabeled
+    from segcore.training import TrainConfig, train
+
+    _join(rank, world, port)
+    torch.set_default_dtype(torch.float64)
+    config = TrainConfig.from_template(
+        TEMPLATE, epochs=1, batch_size=batch, input_size=(32, 32), num_workers=0, device="cpu", precision="fp32",
+        semi={"unlabeled_start_epoch": 1, "unlabeled_batch_size": unlabeled},
+    )  # fmt: skip
+    with parallel.session(torch.device("cpu"), timeout_s=120):
+        train(config, dataset, output if rank == 0 else f"{output}-rank{rank}", unlabeled=list_unlabeled(photos))
+
+
 def _eval_worker(rank: int, world: int, port: int, dataset: str, result: str) -> None:
     from segcore.data.dataset import EvalDataset
     from segcore.models import create_model, get_template
@@ -125,6 +139,25 @@ def test_two_processes_at_batch_4_train_what_one_process_at_batch_8_trains(datas
     for name, value in single.items():
         assert value.dtype in (torch.float64, torch.int64), name
         torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-10, msg=name)
+
+
+def test_semi_supervised_two_processes_train_what_one_process_at_the_double_batches_trains(datasets, tmp_path):
+    """Mean Teacher under DDP: 2 x (4 labelled + 2 unlabelled) against 1 x (8 + 4), one step in
+    float64: the same loss, student and teacher (per-image pseudo-labels, one student pass over
+    labelled and strong views with synchronised batch norm, global-batch losses)."""
+    photos = generate(tmp_path / "photos", "plain", num_train=6, num_val=0, size=(36, 44), seed=11).root / "images"
+    for world, batch, unlabeled in ((1, 8, 4), (2, 4, 2)):
+        _spawn(
+            _semi_worker, world, str(datasets["one_step"]), str(photos), str(tmp_path / f"{world}"), batch, unlabeled
+        )
+    one, two = (torch.load(tmp_path / f"{w}" / "last.pt", weights_only=True) for w in (1, 2))
+    loss = [json.loads((tmp_path / f"{w}" / "metrics.jsonl").read_text())["train_unsup_loss"] for w in (1, 2)]
+    assert loss[0] > 0 and loss[1] == pytest.approx(loss[0], rel=1e-9)
+    for key in ("model",):
+        for name, value in one[key].items():
+            torch.testing.assert_close(two[key][name], value, rtol=1e-5, atol=1e-10, msg=name)
+    for name, value in one["ema"]["model"].items():
+        torch.testing.assert_close(two["ema"]["model"][name], value, rtol=1e-5, atol=1e-10, msg=name)
 
 
 def test_sharded_validation_gives_exactly_the_single_process_dice(datasets, tmp_path):

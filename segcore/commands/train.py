@@ -29,6 +29,7 @@ examples:
   segcore train Lite-HRNet-s-mod2 --train-data-root s3://data/camvid --output s3://runs/camvid-s \\
       --tracking-uri http://mlflow:5000 --experiment camvid
   segcore train Lite-HRNet-18 --train-data-root data/camvid --output runs/ddp --batch-size 4 --nproc-per-node 2
+  segcore train Lite-HRNet-s-mod2 --train-data-root data/labelled --unlabeled-data-root data/photos --output runs/semi
   torchrun --nnodes 2 --nproc-per-node 4 ... $(which segcore) train Lite-HRNet-18 --batch-size 2 ...
 """
 
@@ -81,6 +82,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SEC",
         help="data-parallel training: a rank that waits longer than SEC for the others (one died) fails (default 1800)",
     )
+    p.add_argument(
+        "--unlabeled-data-root",
+        metavar="DIR",
+        help="a folder of unlabelled images (any nesting; local or s3://): switches on semi-supervised training "
+        "(Mean Teacher: the student also learns from the teacher's pseudo-labels on these images; images that are "
+        "also labelled training images are skipped)",
+    )
+    p.add_argument("--unlabeled-weight", type=float, metavar="W", help="weight of the unsupervised loss (default 0.1)")
+    p.add_argument(
+        "--unlabeled-batch-size",
+        type=int,
+        metavar="N",
+        help="unlabelled images per step and process, beside --batch-size labelled ones (default 5)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
     p.add_argument("--load-weights", metavar="FILE", help="initial backbone weights (.pth, local or s3://)")
     p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
@@ -108,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget,
         device=args.device,
         precision=args.precision,
+        semi=_semi_overrides(args),
     )
     meta = train_step(
         args.template,
@@ -119,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not quiet() and sys.stderr.isatty(),
         tracking=tracking_options(args),
         dist_timeout_s=args.dist_timeout,
+        unlabeled=args.unlabeled_data_root,
     )
     if not parallel.env_world().main:
         return 0  # rank 0 reports
@@ -130,6 +147,23 @@ def run(args: argparse.Namespace) -> int:
             f"{meta['best_epoch']} of {meta['epochs_run']} ({meta['train_seconds'] / 60:.1f} min) -> {args.output}"
         )
     return 0
+
+
+def _semi_overrides(args: argparse.Namespace) -> dict | None:
+    from segcore.errors import SegcoreError
+
+    semi = {}
+    if args.unlabeled_weight is not None:
+        if args.unlabeled_weight <= 0:
+            raise SegcoreError(f"--unlabeled-weight {args.unlabeled_weight}: give a positive weight")
+        semi["unlabeled_weight"] = args.unlabeled_weight
+    if args.unlabeled_batch_size is not None:
+        if args.unlabeled_batch_size < 1:
+            raise SegcoreError(f"--unlabeled-batch-size {args.unlabeled_batch_size}: give at least 1")
+        semi["unlabeled_batch_size"] = args.unlabeled_batch_size
+    if semi and not args.unlabeled_data_root:
+        raise SegcoreError("--unlabeled-weight and --unlabeled-batch-size need --unlabeled-data-root")
+    return semi or None
 
 
 def launch_torchrun(args: argparse.Namespace) -> int:

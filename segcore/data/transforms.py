@@ -178,6 +178,21 @@ class TrainTransform:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         cfg = self.cfg
+        image, mask = self.geometric(image, mask, rng)
+        if rng.random() < cfg.mix_p:
+            first, second = photometric(image, rng), photometric(image, rng)
+            keep = mixing_mask(mask.shape, rng)
+            # Only the photometric step differs between the copies, so the labels of both agree
+            # and the mask needs no blending.
+            image = np.where(keep[..., None], first, second)
+        elif cfg.photometric_p >= 1.0 or rng.random() < cfg.photometric_p:  # p=1 draws nothing
+            image = photometric(image, rng)
+        image, mask = pad_to(np.ascontiguousarray(image), np.ascontiguousarray(mask), cfg.crop_size, cfg.ignore_index)
+        return normalize(image), mask.astype(np.int64)
+
+    def geometric(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        """The crop (rescale + crop, or random resized crop), flip and rotation, unpadded."""
+        cfg = self.cfg
         if cfg.crop_mode == "random_resized_crop":
             image, mask = random_resized_crop(image, mask, cfg.crop_size, rng, cfg.rrc_scale, cfg.rrc_ratio)
         else:
@@ -190,16 +205,7 @@ class TrainTransform:
         if rng.random() < cfg.rotate_p:
             angle = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
             image, mask = rotate(np.ascontiguousarray(image), np.ascontiguousarray(mask), angle, cfg.ignore_index)
-        if rng.random() < cfg.mix_p:
-            first, second = photometric(image, rng), photometric(image, rng)
-            keep = mixing_mask(mask.shape, rng)
-            # Only the photometric step differs between the copies, so the labels of both agree
-            # and the mask needs no blending.
-            image = np.where(keep[..., None], first, second)
-        elif cfg.photometric_p >= 1.0 or rng.random() < cfg.photometric_p:  # p=1 draws nothing
-            image = photometric(image, rng)
-        image, mask = pad_to(np.ascontiguousarray(image), np.ascontiguousarray(mask), cfg.crop_size, cfg.ignore_index)
-        return normalize(image), mask.astype(np.int64)
+        return image, mask
 
 
 def eval_preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

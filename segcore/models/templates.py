@@ -93,6 +93,7 @@ class Recipe:
     loss: str = "max_pooling"  # or "cross_entropy" (plain, mean over valid pixels), "ce_dice"
     dice_weight: float = 1.0  # weight of the soft Dice term of "ce_dice"
     init: str = "torch"  # weight initialisation from scratch: "torch" or "kaiming"
+    ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights
     max_pooling_ratio: float = 0.25
     max_pooling_p: float = 1.7
     seed: int = 42

@@ -28,6 +28,7 @@ class TrainOptions:
     time_budget_min: float | None = None
     device: str | None = None  # auto|cpu|cuda|cuda:N (default auto)
     precision: str | None = None  # auto|fp32|bf16|fp16 (default auto)
+    semi: dict | None = None  # segcore.semi.SemiConfig overrides (used with unlabelled images)
 
 
 def train_step(
@@ -41,13 +42,16 @@ def train_step(
     progress: bool = False,
     tracking: TrackingOptions | None = None,
     dist_timeout_s: float | None = None,
+    unlabeled: str | None = None,
 ) -> dict:
     """Train and write the bundle to ``output`` (uploaded after every epoch when s3://); return
     the bundle metadata. Everything that can be refused is refused before any download.
 
     Under torchrun (``WORLD_SIZE`` > 1) this is one rank of a data-parallel training: rank 0 does
     all of the above; the other ranks get the data (rank 0's copy when they can see it), train, and
-    write nothing. ``dist_timeout_s`` bounds every collective (``segcore.parallel``)."""
+    write nothing. ``dist_timeout_s`` bounds every collective (``segcore.parallel``).
+
+    ``unlabeled`` (a folder of images, local or s3://) switches on semi-supervised training."""
     from segcore import devices, parallel
     from segcore.models import get_template
     from segcore.training import TrainConfig
@@ -57,11 +61,23 @@ def train_step(
     device = devices.resolve_device(config.device)  # CUDA asked for and missing: refused before any work
     with parallel.session(parallel.device_for(device, parallel.env_world()), dist_timeout_s) as world:
         if not world.main:
-            return _train_follower(config, source, resume=resume)
-        return _train_main(t, config, source, output, resume, load_weights, progress, tracking)
+            return _train_follower(config, source, resume=resume, unlabeled=unlabeled)
+        return _train_main(t, config, source, output, resume, load_weights, progress, tracking, unlabeled)
 
 
-def _train_main(t, config, source: DataSource, output: str, resume, load_weights, progress, tracking) -> dict:
+def _unlabeled_files(unlabeled: str | None) -> list[Path] | None:
+    """The unlabelled images under a local folder or an s3:// prefix (downloaded and cached)."""
+    from segcore import storage
+    from segcore.semi import list_unlabeled
+
+    if not unlabeled:
+        return None
+    return list_unlabeled(storage.local_input(unlabeled) if storage.is_s3(unlabeled) else Path(unlabeled))
+
+
+def _train_main(
+    t, config, source: DataSource, output: str, resume, load_weights, progress, tracking, unlabeled=None
+) -> dict:
     """``train_step`` of one process, or of rank 0."""
     import contextlib
 
@@ -76,6 +92,7 @@ def _train_main(t, config, source: DataSource, output: str, resume, load_weights
             resolved_hardware(config)
             _check_output(output, resume)
             check_tracking(tracking)
+            unlabeled_files = _unlabeled_files(unlabeled)
             local = source.localized()
             weights = str(storage.local_input(load_weights)) if load_weights else None
             out = stack.enter_context(storage.local_output(output, resume=resume, exist_ok=True))
@@ -91,15 +108,27 @@ def _train_main(t, config, source: DataSource, output: str, resume, load_weights
             )
             dataset = _prepare_or_clean(local, out)
             manifest = load_manifest(dataset)
-            return dict(out=out, tracker=tracker, dataset=dataset, manifest=manifest, weights=weights)
+            return dict(
+                out=out, tracker=tracker, dataset=dataset, manifest=manifest, weights=weights, unlabeled=unlabeled_files
+            )
 
         # The other ranks wait for the data (or for the reason there is none).
         prepared = parallel.lead(
-            prepare, lambda p: {"dataset": str(p["dataset"]), "hash": p["manifest"]["content_hash"]}
+            prepare,
+            lambda p: {
+                "dataset": str(p["dataset"]),
+                "hash": p["manifest"]["content_hash"],
+                "unlabeled": [str(f) for f in p["unlabeled"] or []],
+            },
         )
         out, tracker, dataset, manifest = (prepared[k] for k in ("out", "tracker", "dataset", "manifest"))
         tracker.write_run_file(out)
-        tracker.log_params(train_params(t, config, manifest, source, output, load_weights))
+        params = train_params(t, config, manifest, source, output, load_weights)
+        if prepared["unlabeled"]:
+            from segcore.tracking import redact
+
+            params.update(unlabeled_data_root=redact(unlabeled), unlabeled_files=len(prepared["unlabeled"]))
+        tracker.log_params(params)
         tracker.log_dataset(manifest, source.train_root, "train")
         upload = _uploader(output, out)
 
@@ -114,7 +143,14 @@ def _train_main(t, config, source: DataSource, output: str, resume, load_weights
             t.name, *config.input_size, batch, config.lr, config.epochs,
         )  # fmt: skip
         meta = train(
-            config, dataset, out, resume=resume, load_weights=prepared["weights"], progress=progress, on_epoch=on_epoch
+            config,
+            dataset,
+            out,
+            resume=resume,
+            load_weights=prepared["weights"],
+            progress=progress,
+            on_epoch=on_epoch,
+            unlabeled=prepared["unlabeled"],
         )
         if tracker.enabled:
             try:
@@ -125,7 +161,7 @@ def _train_main(t, config, source: DataSource, output: str, resume, load_weights
     return meta
 
 
-def _train_follower(config, source: DataSource, *, resume: bool) -> dict:
+def _train_follower(config, source: DataSource, *, resume: bool, unlabeled: str | None = None) -> dict:
     """``train_step`` on a rank other than 0: the data (rank 0's canonical copy when this node
     sees it, its own otherwise), then the training. It writes, logs and uploads nothing."""
     import tempfile
@@ -142,7 +178,10 @@ def _train_follower(config, source: DataSource, *, resume: bool) -> dict:
             dataset = source.localized().canonical(Path(scratch) / "dataset")
             if load_manifest(dataset)["content_hash"] != shared["hash"]:
                 raise SegcoreError("this node's copy of the training data differs from rank 0's", dataset)
-        return train(config, dataset, Path(scratch) / "output", resume=resume)
+        files = [Path(f) for f in shared["unlabeled"]]
+        if files and not all(f.is_file() for f in files):  # another node: its own copy
+            files = _unlabeled_files(unlabeled)
+        return train(config, dataset, Path(scratch) / "output", resume=resume, unlabeled=files or None)
 
 
 def train_resumable(
@@ -262,8 +301,8 @@ def train_params(template, config, manifest: dict, source: DataSource, output: s
 
     params = {"template": template.id, "template_name": template.name, **resolved_hardware(config)}
     for key, value in asdict(config).items():
-        if key == "augment":
-            params.update({f"augment.{k}": v for k, v in value.items()})
+        if key in ("augment", "semi"):
+            params.update({f"{key}.{k}": v for k, v in value.items()})
         elif key == "input_size":
             params[key] = f"{value[0]}x{value[1]}"
         else:
@@ -298,7 +337,9 @@ def resolved_hardware(config) -> dict:
 
 def epoch_metrics(record: dict) -> dict:
     """A metrics.jsonl record as MLflow metrics: val_dice is the mean Dice, val_dice/<class> per class."""
-    metrics = {k: record[k] for k in ("train_loss", "lr", "img_per_s", "epoch_seconds", "peak_rss_mb") if k in record}
+    names = ("train_loss", "lr", "img_per_s", "epoch_seconds", "peak_rss_mb", "train_unsup_loss", "pseudo_pixel_share")
+    metrics = {k: record[k] for k in names if k in record}
+    metrics.update({f"val_dice_{name}": dice for name, dice in record.get("val_mdice_by_source", {}).items()})
     metrics.update(val_dice=record["val_mdice"], val_miou=record["val_miou"])
     metrics.update({f"val_dice/{name}": dice for name, dice in record["val_dice"].items()})
     return metrics

@@ -1,0 +1,280 @@
+"""Semi-supervised training (Mean Teacher): the EMA teacher, pseudo-label filtering, the unlabelled
+data stream, and the training end to end (mode switch, bundle, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from segcore import parallel
+from segcore.cli import main
+from segcore.data.synthetic import generate
+from segcore.data.transforms import AugmentConfig
+from segcore.errors import DataError
+from segcore.semi import (
+    SemiConfig,
+    UnlabeledBatches,
+    UnlabeledDataset,
+    ignore_share,
+    list_unlabeled,
+    pseudo_labels,
+    unsupervised_loss,
+)
+from segcore.training import WeightAverage
+
+TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0", "--unlabeled-batch-size", "3"]
+
+
+def test_weight_average_matches_a_scalar_reference():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.9)
+    want = 1.0
+    for n, value in enumerate([3.0, -2.0, 5.0, 0.5] + [1.5] * 30):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+        d = min(0.9, (1 + n) / (10 + n))  # the first updates follow the model more closely
+        want = d * want + (1 - d) * value
+        assert average.model.weight.item() == pytest.approx(want, rel=1e-6)
+    assert not average.model.weight.requires_grad
+    copy = WeightAverage(model, decay=0.9)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == average.updates and copy.model.weight.item() == average.model.weight.item()
+    with pytest.raises(Exception, match="decay"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_weight_average_copies_integer_buffers_and_averages_bn_statistics():
+    model = torch.nn.BatchNorm2d(2)
+    average = WeightAverage(model, decay=0.5)
+    model.train()
+    model(torch.randn(4, 2, 3, 3) * 3 + 1)
+    average.update(model)  # d = min(0.5, 1/10) = 0.1
+    assert average.model.num_batches_tracked.item() == 1
+    assert torch.allclose(average.model.running_mean, 0.9 * model.running_mean)
+
+
+def _reference_pseudo_labels(logits: np.ndarray, valid: np.ndarray, share: float) -> np.ndarray:
+    """Scalar loops: softmax, argmax, entropy; per image the floor(share x valid) highest-entropy
+    valid pixels and every invalid pixel become 255."""
+    n, c, h, w = logits.shape
+    out = np.zeros((n, h, w), np.int64)
+    for i in range(n):
+        entropies = []
+        for y in range(h):
+            for x in range(w):
+                z = [float(logits[i, k, y, x]) for k in range(c)]
+                top = max(z)
+                e = [math.exp(v - top) for v in z]
+                p = [v / sum(e) for v in e]
+                out[i, y, x] = max(range(c), key=lambda k: p[k])
+                if not valid[i, y, x]:
+                    out[i, y, x] = 255
+                else:
+                    entropies.append((-sum(q * math.log(max(q, 1e-12)) for q in p), y, x))
+        entropies.sort(reverse=True)
+        for _, y, x in entropies[: int(math.floor(share * len(entropies)))]:
+            out[i, y, x] = 255
+    return out
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5])
+def test_pseudo_labels_drop_the_highest_entropy_share_of_each_image(share):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (2, 4, 6, 7)).astype(np.float32)
+    valid = rng.random((2, 6, 7)) > 0.2
+    got = pseudo_labels(torch.from_numpy(logits), torch.from_numpy(valid), share).numpy()
+    np.testing.assert_array_equal(got, _reference_pseudo_labels(logits, valid, share))
+    kept = (got != 255).sum(axis=(1, 2))
+    assert list(kept) == [v - int(math.floor(share * v)) for v in valid.sum(axis=(1, 2))]
+
+
+def test_ignore_share_falls_linearly_to_zero():
+    config = SemiConfig(pseudo_ignore_start=0.2, pseudo_ignore_epochs=100)
+    assert ignore_share(config, 1) == pytest.approx(0.2)
+    assert ignore_share(config, 51) == pytest.approx(0.1)
+    assert ignore_share(config, 101) == 0.0 and ignore_share(config, 300) == 0.0
+    assert ignore_share(replace(config, pseudo_ignore_epochs=0), 1) == 0.0
+
+
+def test_unsupervised_loss_is_normalised_by_all_pixels():
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(2, 3, 4, 5)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 3, (2, 4, 5)))
+    labels[0, :2] = 255
+    per_pixel = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    assert unsupervised_loss(logits, labels).item() == pytest.approx(per_pixel.sum().item() / labels.numel(), rel=1e-6)
+
+
+def test_unlabelled_batches_cycle_evenly_resume_and_shard():
+    one = UnlabeledBatches(10, 4, steps_per_epoch=3, seed=5, world=parallel.World())
+    seen = []
+    for epoch in (1, 2, 3, 4, 5):
+        one.set_epoch(epoch)
+        batches = list(one)
+        assert len(batches) == 3 and all(len(b) == 4 and all(e == epoch for e, _ in b) for b in batches)
+        seen += [i for b in batches for _, i in b]
+    counts = np.bincount(seen, minlength=10)
+    assert counts.max() - counts.min() <= 1  # 60 draws over 10 images: each used 6 times
+    one.set_epoch(3)
+    assert list(one) == list(one)  # a resumed epoch sees the same batches
+    # two ranks at batch 2 take the halves of the single process's batches of 4
+    ranks = [UnlabeledBatches(10, 2, 3, 5, parallel.World(rank=r, size=2)) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(3)
+    assert [a + b for a, b in zip(*[list(r) for r in ranks], strict=True)] == list(one)
+
+
+def test_unlabelled_views_are_pixel_aligned(tmp_path):
+    gen = generate(tmp_path / "raw", "plain", num_train=2, num_val=1, size=(40, 48), seed=3)
+    files = list_unlabeled(gen.root / "images")
+    augment = AugmentConfig(crop_size=(32, 32), rotate_p=1.0, crop_mode="random_resized_crop")
+    plain = SemiConfig(strong_photometric_p=0.0, strong_grayscale_p=0.0, cutout_p=0.0)
+    weak, strong, valid = UnlabeledDataset(files, augment, plain, seed=1)[(1, 0)]
+    assert weak.shape == strong.shape == (3, 32, 32) and valid.shape == (32, 32)
+    assert torch.equal(weak, strong)  # no strong changes: the same pixels
+    assert not valid.all() and valid.any()  # rotation leaves corners outside the image
+    cut = replace(plain, cutout_p=1.0)
+    weak2, strong2, _ = UnlabeledDataset(files, augment, cut, seed=1)[(1, 0)]
+    assert torch.equal(weak2, weak)  # the weak view does not depend on the strong settings
+    changed = (strong2 != weak2).any(0)
+    assert changed.any() and torch.allclose(strong2[:, changed], torch.zeros(()), atol=0.01)  # mean colour
+    again = UnlabeledDataset(files, augment, SemiConfig(), seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(again[(2, 1)], again[(2, 1)], strict=True))
+
+
+def test_unlabelled_folder_errors_and_duplicates(tmp_path, caplog):
+    with pytest.raises(DataError, match="no such folder"):
+        list_unlabeled(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no images"):
+        list_unlabeled(tmp_path / "empty")
+    gen = generate(tmp_path / "raw", "plain", num_train=3, num_val=1, size=(32, 32), seed=4)
+    files = list_unlabeled(gen.root / "images" / "train")
+    from segcore.data.dataset import read_rgb
+    from segcore.semi import image_digest
+
+    labelled = {image_digest(read_rgb(files[0]))}
+    data = UnlabeledDataset(files, AugmentConfig(crop_size=(32, 32)), SemiConfig(), 0, labelled)
+    assert data.files == files[1:]
+    assert "skipped 1 unlabelled images" in caplog.text
+    with pytest.raises(DataError, match="every unlabelled image"):
+        UnlabeledDataset(files[:1], AugmentConfig(crop_size=(32, 32)), SemiConfig(), 0, labelled)
+
+
+def _data(tmp_path):
+    labelled = generate(tmp_path / "raw", "plain", num_train=8, num_val=2, size=(32, 32), seed=2)
+    extra = generate(tmp_path / "more", "plain", num_train=6, num_val=0, size=(32, 40), seed=9)
+    photos = tmp_path / "photos" / "nested"
+    shutil.copytree(extra.root / "images" / "train", photos)
+    shutil.copy(next((labelled.root / "images" / "train").iterdir()), photos / "dup.png")  # a labelled image
+    return labelled, tmp_path / "photos"
+
+
+def test_semi_mode_switches_on_only_with_unlabelled_images(tmp_path, capsys):
+    labelled, photos = _data(tmp_path)
+    base = ["train", "Lite-HRNet-s-mod2", "--train-data-root", str(labelled.root), "--epochs", "2",
+            "--input-size", "32x32", "--batch-size", "4", "--num-workers", "0", "--json"]  # fmt: skip
+    assert main([*base, "--output", str(tmp_path / "sup")]) == 0
+    sup = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(x) for x in (tmp_path / "sup" / "metrics.jsonl").read_text().splitlines()]
+    assert "semi_supervised" not in sup and sup["best_weights_from"] == "model"
+    assert all("train_unsup_loss" not in r and "val_mdice_by_source" not in r for r in records)
+
+    out = tmp_path / "semi"
+    assert main([*base, "--output", str(out), "--unlabeled-data-root", str(photos), "--unlabeled-batch-size", "3"]) == 0
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert meta["semi_supervised"] == {"unlabeled_images": 6}  # the copy of a labelled image is skipped
+    assert meta["training_config"]["semi"] == {"unlabeled_batch_size": 3}
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train_unsup_loss"] == 0.0  # epoch 1: labelled data only
+    assert records[1]["train_unsup_loss"] > 0 and 0 < records[1]["pseudo_pixel_share"] <= 0.8
+    assert all(set(r["val_mdice_by_source"]) == {"teacher", "student"} for r in records)
+    best = max(records, key=lambda r: r["val_mdice"])
+    assert meta["best_weights_from"] == best["weights_from"] in ("teacher", "student")
+    assert best["val_mdice"] == max(best["val_mdice_by_source"].values())
+    # the bundle evaluates to the Dice recorded for the chosen network
+    assert main(["eval", str(out), "--test-data-root", str(labelled.root / "images" / "val"),
+                 "--test-ann-files", str(labelled.root / "annotations" / "val"), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(meta["best_val_mdice"], abs=1e-6)
+
+
+def test_semi_options_without_unlabelled_data_are_refused(tmp_path, capsys):
+    labelled, _ = _data(tmp_path)
+    argv = ["train", "Lite-HRNet-s-mod2", "--train-data-root", str(labelled.root), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--unlabeled-weight", "0.5"]) == 2
+    assert "need --unlabeled-data-root" in capsys.readouterr().err
+    assert main([*argv, "--unlabeled-data-root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder of unlabelled images" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_semi_resume_continues_exactly(tmp_path):
+    """Two epochs, then a resume to three, equal one run of three: student, teacher, optimizer."""
+    from segcore.data.convert import convert
+    from segcore.semi import list_unlabeled
+    from segcore.training import TrainConfig, train
+
+    labelled, photos = _data(tmp_path)
+    convert(labelled.root, tmp_path / "ds")
+    files = list_unlabeled(photos)
+    config = TrainConfig.from_template(
+        "Lite-HRNet-s-mod2", epochs=3, batch_size=4, input_size=(32, 32), num_workers=0, precision="fp32",
+        semi={"unlabeled_batch_size": 3},
+    )  # fmt: skip
+    train(config, tmp_path / "ds", tmp_path / "whole", unlabeled=files)
+    train(replace(config, epochs=2), tmp_path / "ds", tmp_path / "parts", unlabeled=files)
+    (tmp_path / "parts" / "model.json").unlink()
+    train(config, tmp_path / "ds", tmp_path / "parts", unlabeled=files, resume=True)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
+    for key in ("model",):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), name
+    for name, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][name]), name
+    assert a["ema"]["updates"] == b["ema"]["updates"]
+    lines = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["val_mdice"] for r in lines(tmp_path / "whole")] == [r["val_mdice"] for r in lines(tmp_path / "parts")]
+
+
+def test_semi_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
+    labelled, photos = _data(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "segcore.cli", "train", "Lite-HRNet-s-mod2", "--train-data-root", str(labelled.root),
+           "--unlabeled-data-root", str(photos), "--output", str(out), "--epochs", "12", *TINY]  # fmt: skip
+    env = {**os.environ, "CI": "true"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == done[-1] and ckpt["ema"]["updates"] > 0  # the teacher is checkpointed
+    resumed = subprocess.run([*cmd, "--resume", "--epochs", str(done[-1] + 2)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {done[-1]}" in resumed.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, done[-1] + 3))
+    assert all(r["train_unsup_loss"] > 0 for r in records[1:])
