@@ -28,6 +28,7 @@ def train(
     lr: float = 0.0,
     num_workers: int = 2,
     checkpoint_uri: str = "",
+    unlabeled_data_uri: str = "",
     s3_endpoint: str = "",
     tracking: bool = True,
     mlflow_tracking_uri: str = "",
@@ -48,7 +49,8 @@ def train(
     mlflow_secret: str = "segcore-mlflow",
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
-    More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle."""
+    More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
+    unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher)."""
     from components import common
     from components.trainjob import Distribution, train_distributed
     from segcore import storage
@@ -59,6 +61,8 @@ def train(
     size = common.size(input_size)
     options = TrainOptions(epochs or None, batch_size or None, size, lr or None, num_workers=num_workers)
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
+    if unlabeled_data_uri:
+        key["unlabeled"] = unlabeled_data_uri
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     dist = Distribution(
         train_nodes, train_procs_per_node, trainer_runtime, train_node_cpu, train_node_memory, train_gpu_type,
@@ -70,12 +74,13 @@ def train(
             meta, checkpoints = train_distributed(
                 template, dataset.path, model.path, options, checkpoint_uri, {**key, "processes": dist.processes},
                 dist, image=image, secrets=secrets, tracking=tracking_options, s3_endpoint=s3_endpoint,
-                local=train_launcher == "local",
+                local=train_launcher == "local", unlabeled=unlabeled_data_uri,
             )  # fmt: skip
         else:
             meta, checkpoints = train_resumable(
-                template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options
-            )
+                template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options,
+                unlabeled=unlabeled_data_uri,
+            )  # fmt: skip
     keys = ("template", "labels", "input_size")
     model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})
     model.metadata.update(best_val_mean_dice=meta["best_val_mdice"], checkpoints=checkpoints)

@@ -360,7 +360,16 @@ def job_state(job: dict) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------ the step
 
 
-def train_args(template: str, data_uri: str, prefix: str, options, dist: Distribution, tracking, s3_endpoint: str):
+def train_args(
+    template: str,
+    data_uri: str,
+    prefix: str,
+    options,
+    dist: Distribution,
+    tracking,
+    s3_endpoint: str,
+    unlabeled: str = "",
+):
     """``segcore train`` arguments of every node (after ``python3 -m torch.distributed.run``).
 
     ``options.batch_size`` is the global batch (the recipe's 8 by default), shared out over the
@@ -381,6 +390,8 @@ def train_args(template: str, data_uri: str, prefix: str, options, dist: Distrib
         args += ["--input-size", "x".join(map(str, options.input_size))]
     if options.lr:
         args += ["--lr", repr(options.lr)]
+    if unlabeled:
+        args += ["--unlabeled-data-root", unlabeled]
     if dist.gpu_type:
         args += ["--device", "cuda"]  # a node without CUDA fails at once instead of training on its CPU
     if s3_endpoint:
@@ -410,6 +421,7 @@ def train_distributed(
     tracking=None,
     s3_endpoint: str = "",
     local: bool = False,
+    unlabeled: str = "",
 ) -> tuple[dict, str]:
     """The train step with ``dist.processes`` > 1: a TrainJob on the cluster (``local``: the same job
     run here), then the bundle from the checkpoint prefix into ``model_dir``. Returns (bundle
@@ -429,7 +441,7 @@ def train_distributed(
         log.info("%s holds this training, finished: reusing it", prefix)
         return collect_bundle(prefix, model_dir), prefix
     data_uri = str(dataset) if local else _shared_dataset(dataset, checkpoint_uri, manifest["content_hash"])
-    args = train_args(template, data_uri, prefix, options, dist, tracking, s3_endpoint)
+    args = train_args(template, data_uri, prefix, options, dist, tracking, s3_endpoint, unlabeled)
     if local:
         launch_local(render(job_name(prefix), "local", image, args, dist, secrets), dist.timeout_min * 60)
     else:

@@ -50,6 +50,7 @@ PARAMS = {
     "subset_size": "subset_size",
     "qat_epochs": "qat_epochs",
     "checkpoint_uri": "checkpoint_uri",
+    "unlabeled_data_root": "unlabeled_data_uri",
     "s3_endpoint": "s3_endpoint",
     "tracking_uri": "mlflow_tracking_uri",
     "mlflow_experiment": "mlflow_experiment",
@@ -75,6 +76,11 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     g.add_argument("--val-ann-files", metavar="URI", help="validation masks folder (plain layout)")
     g.add_argument("--format", choices=("auto", *SUPPORTED_FORMATS), help="dataset format (default: detect)")
     g.add_argument("--val-ratio", type=float, help="share of train used for val without val data (default 0.2)")
+    g.add_argument(
+        "--unlabeled-data-root",
+        metavar="URI",
+        help="a folder of unlabelled images: semi-supervised training on them beside the labelled data",
+    )
     g.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint for s3:// URIs")
 
     def default(local_value: str, cluster_value: str) -> str:

@@ -114,6 +114,7 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         subset_size: int = 300,
         qat_epochs: int = 2,
         checkpoint_uri: str = "",
+        unlabeled_data_uri: str = "",
         s3_endpoint: str = "",
         tracking: bool = True,
         mlflow_tracking_uri: str = "",
@@ -142,6 +143,8 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             subset_size: calibration images for quantization.
             qat_epochs: QAT fine-tuning epochs.
             checkpoint_uri: s3:// prefix for training checkpoints; a retried training resumes from there.
+            unlabeled_data_uri: a folder of unlabelled images (s3:// or a path the pods see): semi-supervised
+                training (Mean Teacher) on them beside the labelled data ("" = supervised).
             s3_endpoint: S3-compatible endpoint URL, e.g. http://minio:9000 ("" = AWS_ENDPOINT_URL / AWS).
             tracking: log every step to MLflow.
             mlflow_tracking_uri: MLflow server ("" = MLFLOW_TRACKING_URI from the MLflow secret).
@@ -197,7 +200,8 @@ def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
 def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict):
     from kfp import kubernetes
 
-    keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri", "s3_endpoint")
+    keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri",
+            "unlabeled_data_uri", "s3_endpoint")  # fmt: skip
     if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
         task = ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow, **_distribution(options))
         trained = _configure(task, options, "launch", "train (TrainJob)")

@@ -278,3 +278,22 @@ def test_semi_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, done[-1] + 3))
     assert all(r["train_unsup_loss"] > 0 for r in records[1:])
+
+
+def test_the_pipeline_training_keys_its_checkpoints_by_the_unlabelled_data(tmp_path):
+    """train_resumable (the pipeline's train step): semi-supervised with unlabelled data, and a
+    checkpoint folder of its own (a supervised training of the same data is not reused)."""
+    from segcore.data.convert import convert
+    from segcore.steps import TrainOptions, train_resumable
+
+    labelled, photos = _data(tmp_path)
+    convert(labelled.root, tmp_path / "ds")
+    options = TrainOptions(epochs=2, batch_size=4, input_size=(32, 32), num_workers=0, precision="fp32")
+    key = {"epochs": 2}
+    sup, sup_at = train_resumable("Lite-HRNet-s-mod2", str(tmp_path / "ds"), str(tmp_path / "m1"), options,
+                                  str(tmp_path / "ckpt"), key)  # fmt: skip
+    semi, semi_at = train_resumable("Lite-HRNet-s-mod2", str(tmp_path / "ds"), str(tmp_path / "m2"), options,
+                                    str(tmp_path / "ckpt"), {**key, "unlabeled": str(photos)},
+                                    unlabeled=str(photos))  # fmt: skip
+    assert sup_at != semi_at
+    assert "semi_supervised" not in sup and semi["semi_supervised"] == {"unlabeled_images": 6}

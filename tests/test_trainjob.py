@@ -399,3 +399,11 @@ def test_compiled_distributed_pipeline_golden_structure_and_no_credentials(tmp_p
     assert constants["train_nodes"] == 2 and constants["train_procs_per_node"] == 4
     assert constants["train_gpu_type"] == "nvidia.com/gpu" and constants["image"] == IMAGE
     assert "accelerator" not in container.get("resources", {}), "the GPUs go to the TrainJob's nodes"
+
+
+def test_every_node_trains_semi_supervised_on_the_unlabelled_images():
+    options = TrainOptions(num_workers=2)
+    args = train_args("Lite-HRNet-18", "s3://b/d", PREFIX, options, Distribution(2, 4), None, "", "s3://b/photos")
+    assert args[args.index("--unlabeled-data-root") + 1] == "s3://b/photos"
+    assert "--unlabeled-data-root" not in train_args("Lite-HRNet-18", "s3://b/d", PREFIX, options, Distribution(2, 4),
+                                                     None, "")  # fmt: skip

@@ -192,6 +192,7 @@ def train_resumable(
     checkpoint_uri: str = "",
     key: dict | None = None,
     tracking: TrackingOptions | None = None,
+    unlabeled: str = "",
 ) -> tuple[dict, str]:
     """The pipeline's training: with ``checkpoint_uri`` (s3:// or a volume that outlives the pod)
     checkpoints go to ``<checkpoint_uri>/train-<key>`` (key: dataset content, template and
@@ -201,13 +202,16 @@ def train_resumable(
 
     source = DataSource(dataset)
     if not checkpoint_uri:
-        return train_step(template, source, model_dir, options, resume=True, tracking=tracking), model_dir
+        meta = train_step(
+            template, source, model_dir, options, resume=True, tracking=tracking, unlabeled=unlabeled or None
+        )
+        return meta, model_dir
     manifest = load_manifest(dataset)
     prefix = checkpoint_prefix(checkpoint_uri, manifest["content_hash"], template, key or asdict(options))
     if finished_at(prefix):
         log.info("%s holds this training, finished: reusing it", prefix)
     else:
-        train_step(template, source, prefix, options, resume=True, tracking=tracking)
+        train_step(template, source, prefix, options, resume=True, tracking=tracking, unlabeled=unlabeled or None)
     return collect_bundle(prefix, model_dir), prefix
 
 

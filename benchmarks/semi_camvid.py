@@ -1,0 +1,141 @@
+"""Semi-supervised against supervised training on CamVid with 1/8 of the labels (issue 18).
+
+Run by hand:
+
+    python benchmarks/semi_camvid.py --epochs 40
+
+Keeps the masks of 46 of the 367 training images (drawn with --seed, listed in the results), uses
+the other 321 as unlabelled images, and trains the same template for the same epochs twice:
+supervised on the 46, and semi-supervised (``--unlabeled-data-root``) on the 46 + 321. Both
+validate on the full val split (101 images). With --together the two trainings run at the same
+time with one thread each (their curves do not depend on it; their wall times do). Results are
+appended to WORK/semi.jsonl and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets" / "camvid"
+sys.path.insert(0, str(HERE))
+from ablate_recipe import machine  # noqa: E402
+
+
+def split(data: Path, work: Path, labelled: int, seed: int) -> tuple[Path, Path, list[str]]:
+    """A plain-layout copy (symlinks) with ``labelled`` training masks, and a folder of the rest."""
+    images = sorted((data / "images" / "train").iterdir())
+    keep = sorted(np.random.default_rng(seed).choice(len(images), labelled, replace=False).tolist())
+    sub, photos = work / f"camvid-{labelled}", work / f"camvid-unlabelled-{len(images) - labelled}"
+    for folder in (sub, photos):
+        shutil.rmtree(folder, ignore_errors=True)
+    (sub / "images" / "train").mkdir(parents=True)
+    (sub / "annotations" / "train").mkdir(parents=True)
+    photos.mkdir(parents=True)
+    masks = {p.stem: p for p in (data / "annotations" / "train").iterdir()}
+    for i, image in enumerate(images):
+        if i in keep:
+            (sub / "images" / "train" / image.name).symlink_to(image.resolve())
+            mask = masks[image.stem]
+            (sub / "annotations" / "train" / mask.name).symlink_to(mask.resolve())
+        else:
+            (photos / image.name).symlink_to(image.resolve())
+    for kind in ("images", "annotations"):
+        (sub / kind / "val").symlink_to((data / kind / "val").resolve())
+    shutil.copy(data / "dataset_meta.json", sub / "dataset_meta.json")
+    return sub, photos, [images[i].stem for i in keep]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("SEGCORE_CAMVID", str(DEFAULT_DATA)))
+    ap.add_argument("--template", default="Lite-HRNet-s-mod2")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--labelled", type=int, default=46)
+    ap.add_argument("--seed", type=int, default=0, help="draws the labelled images")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--together", action="store_true", help="run both trainings at once, one thread each")
+    ap.add_argument("--semi-args", default="", help="extra segcore train flags for the semi-supervised run")
+    ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sub, photos, ids = split(Path(args.data), work, args.labelled, args.seed)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
+            "--epochs", str(args.epochs), "--precision", args.precision, "--num-workers", "1",
+            "--tracking-uri", ""]  # fmt: skip
+    runs = {
+        "supervised": [],
+        "semi": ["--unlabeled-data-root", str(photos), *shlex.split(args.semi_args)],
+    }
+    env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if args.together else {}))
+    procs, outs, started, walls = {}, {}, {}, {}
+    for name, extra in runs.items():
+        outs[name] = work / "semi" / f"{args.template}-{name}-{stamp}"
+        (work / "semi").mkdir(parents=True, exist_ok=True)
+        log = open(work / "semi" / f"{name}-{stamp}.log", "w")
+        started[name] = time.perf_counter()
+        procs[name] = subprocess.Popen([*base, "--output", str(outs[name]), *extra], env=env, stdout=log, stderr=log)
+        if not args.together:
+            procs[name].wait()
+            walls[name] = time.perf_counter() - started[name]
+    for name, proc in procs.items():
+        proc.wait()
+        walls.setdefault(name, time.perf_counter() - started[name])
+        if proc.returncode:
+            print(f"{name} failed (see {work / 'semi'}/{name}-{stamp}.log)", file=sys.stderr)
+            return 1
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "template": args.template,
+        "epochs": args.epochs,
+        "labelled_ids": ids,
+        "unlabelled_images": len(list(photos.iterdir())),
+        "command": shlex.join(["python", "benchmarks/semi_camvid.py", *sys.argv[1:]]),
+    }
+    for name, out in outs.items():
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        meta = json.loads((out / "model.json").read_text())
+        best = next(r for r in records if r["epoch"] == meta["best_epoch"])
+        result[name] = {
+            "val_mdice": [round(r["val_mdice"], 4) for r in records],
+            "best_val_mdice": round(meta["best_val_mdice"], 4),
+            "best_epoch": meta["best_epoch"],
+            "best_weights_from": meta.get("best_weights_from"),
+            "per_class_at_best": {k: None if v is None else round(v, 3) for k, v in best["val_dice"].items()},
+            "wall_min": round(walls[name] / 60, 1),
+        }
+        if "val_mdice_by_source" in records[0]:
+            for source in records[0]["val_mdice_by_source"]:
+                result[name][f"val_mdice_{source}"] = [round(r["val_mdice_by_source"][source], 4) for r in records]
+            result[name]["pseudo_pixel_share"] = [round(r.get("pseudo_pixel_share", 0.0), 3) for r in records]
+    with open(work / "semi.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    sup, semi = result["supervised"], result["semi"]
+    print(f"supervised: best {sup['best_val_mdice']:.4f} (epoch {sup['best_epoch']}), {sup['wall_min']} min")
+    print(f"semi:       best {semi['best_val_mdice']:.4f} (epoch {semi['best_epoch']}, {semi['best_weights_from']}), "
+          f"{semi['wall_min']} min")  # fmt: skip
+    print(f"gain: {semi['best_val_mdice'] - sup['best_val_mdice']:+.4f}")
+    for cls, value in sup["per_class_at_best"].items():
+        other = semi["per_class_at_best"][cls]
+        if value is not None and other is not None:
+            print(f"  {cls:<12} {value:.3f} -> {other:.3f} ({other - value:+.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
