@@ -126,9 +126,10 @@ class WarmupPlateauLR:
 
 class WeightAverage:
     """An exponential moving average of a model's weights and batch-norm statistics, updated after
-    every optimizer step: ``avg = d * avg + (1 - d) * model`` with ``d = min(decay, (1 + n) / (10 + n))``
-    after n updates, so the first steps are not averaged with the random initialisation. The
-    average is a separate copy of the network, used for validation and shipped in the bundle."""
+    every optimizer step: ``avg = d * avg + (1 - d) * model`` with ``d = min(decay, n / (n + 1))``
+    after n updates (Mean Teacher's ramp: the average of all steps so far until that reaches
+    ``decay``), so the random initialisation does not linger in it. The average is a separate copy
+    of the network, used for validation and shipped in the bundle."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
@@ -142,7 +143,7 @@ class WeightAverage:
             p.requires_grad_(False)
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return min(self.decay, self.updates / (self.updates + 1))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
