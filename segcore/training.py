@@ -300,6 +300,7 @@ class _State:
     probes: list[WeightAverage] = field(default_factory=list)  # TrainConfig.probe_ema_decays
     semi: SemiConfig | None = None  # semi-supervised training (unlabelled images given)
     unlabeled_images: int = 0
+    started_from: dict | None = None  # class-incremental: the bundle and the classes kept / added / dropped
 
     @property
     def shipped(self) -> torch.nn.Module:
@@ -342,12 +343,16 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     initial_model: torch.nn.Module | None = None,
     unlabeled: list[Path] | None = None,
+    allow_dropped_classes: bool = False,
 ) -> dict:
     """Train ``config.template`` on a canonical dataset; return the bundle metadata.
 
     ``initial_model`` replaces the freshly built network (quantization-aware training passes a
     trained segmenter with fake-quantizers inserted). ``unlabeled`` (image files) switches on
-    semi-supervised training (``segcore.semi``) with ``config.semi``'s settings.
+    semi-supervised training (``segcore.semi``) with ``config.semi``'s settings. ``load_weights``
+    is backbone weights (a .pth) or a finished bundle of the same template: then every weight is
+    loaded and the classifier's rows are matched to this dataset's classes by name
+    (class-incremental; ``allow_dropped_classes`` lets old classes the data lacks go).
     """
     output = Path(output)
     manifest = load_manifest(dataset_root)
@@ -360,7 +365,7 @@ def train(
     parallel.lead(prepare_output)  # in data-parallel training only rank 0 writes to OUTPUT
     seed_everything(config.seed)
     weights = load_weights if w.main else None  # DDP hands rank 0's weights to the others
-    state = _initial_state(config, len(manifest["labels"]), weights, resume, output, initial_model)
+    state = _initial_state(config, manifest["labels"], weights, resume, output, initial_model, allow_dropped_classes)
     if unlabeled:
         state.semi = SemiConfig(**config.semi)
         state.ema = WeightAverage(state.model, state.semi.teacher_decay)  # the teacher
@@ -443,18 +448,25 @@ def _refuse_existing(output: Path, resume: bool) -> None:
         )
 
 
-def _initial_state(config, num_classes, load_weights, resume, output: Path, initial_model) -> _State:
+def _initial_state(
+    config, labels: list[str], load_weights, resume, output: Path, initial_model, allow_dropped: bool = False
+) -> _State:
     w = parallel.world()
     device = parallel.device_for(devices.resolve_device(config.device), w)
     precision = devices.resolve_precision(config.precision, device)
     if initial_model is not None:
         model = initial_model
     else:
-        model = init_weights(create_model(get_template(config.template), num_classes), config.init)
+        model = init_weights(create_model(get_template(config.template), len(labels)), config.init)
+    started_from = None
     if load_weights and not (resume and (output / LAST).exists()):
-        from segcore.models import load_backbone_weights
+        from segcore.models.weights import is_bundle, load_backbone_weights, load_bundle_weights
 
-        load_backbone_weights(model, load_weights)
+        if is_bundle(load_weights):
+            template_id = get_template(config.template).id
+            started_from = load_bundle_weights(model, load_weights, template_id, labels, allow_dropped)
+        else:
+            load_backbone_weights(model, load_weights)
     if w.distributed:
         model = parallel.sync_batchnorm(model, device)
     model.to(device)
@@ -478,7 +490,10 @@ def _initial_state(config, num_classes, load_weights, resume, output: Path, init
     scaler = devices.grad_scaler(device, precision)
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     probes = [WeightAverage(model, d) for d in config.probe_ema_decays]
-    return _State(model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w, ema=ema, probes=probes)
+    return _State(
+        model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w, ema=ema, probes=probes,
+        started_from=started_from,
+    )  # fmt: skip
 
 
 def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -> None:
@@ -501,6 +516,7 @@ def _restore(state: _State, output: Path, manifest: dict, config: TrainConfig) -
     _set_rng_state(saved["rng"])
     state.start_epoch = config.epochs + 1 if saved.get("stopped") else saved["epoch"] + 1
     state.train_seconds = saved.get("train_seconds", 0.0)
+    state.started_from = saved.get("started_from")
     log.info("resuming after epoch %d (best mean Dice %.4f)", saved["epoch"], state.stopper.best)
 
 
@@ -725,6 +741,7 @@ def _save_epoch(state: _State, record: dict, output: Path, manifest: dict, confi
         "dataset_hash": manifest["content_hash"],
         "train_seconds": state.train_seconds,
         "stopped": stopped,
+        **({"started_from": state.started_from} if state.started_from else {}),
     }
     _save_atomic(checkpoint, output / LAST)
     with open(output / METRICS, "a", encoding="utf-8") as f:
@@ -759,6 +776,7 @@ def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: 
         "train_processes": state.world.size,
         "training_config": asdict(config),
         **({"semi_supervised": {"unlabeled_images": state.unlabeled_images}} if state.semi is not None else {}),
+        **({"started_from": state.started_from} if state.started_from else {}),
         "dataset_hash": manifest["content_hash"],
         "dataset_splits": manifest["splits"],
     }

@@ -97,7 +97,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="unlabelled images per step and process, beside --batch-size labelled ones (default 5)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
-    p.add_argument("--load-weights", metavar="FILE", help="initial backbone weights (.pth, local or s3://)")
+    p.add_argument(
+        "--load-weights",
+        metavar="PATH",
+        help="initial weights, local or s3://: backbone weights (.pth), or a trained bundle of the same template "
+        "(class-incremental: its classes are matched to the data's by name, new classes are added)",
+    )
+    p.add_argument(
+        "--allow-dropped-classes",
+        action="store_true",
+        help="with a bundle in --load-weights: let the model forget classes the new data does not have "
+        "(default: refused)",
+    )
     p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
     add_tracking_arguments(p)
     add_storage_arguments(p)
@@ -136,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         tracking=tracking_options(args),
         dist_timeout_s=args.dist_timeout,
         unlabeled=args.unlabeled_data_root,
+        allow_dropped_classes=args.allow_dropped_classes,
     )
     if not parallel.env_world().main:
         return 0  # rank 0 reports

@@ -11,7 +11,7 @@ from torch import nn
 
 from segcore.errors import SegcoreError
 
-__all__ = ["backbone_state_dict", "load_backbone_weights"]
+__all__ = ["backbone_state_dict", "is_bundle", "load_backbone_weights", "load_bundle_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +105,67 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> int:
     backbone.load_state_dict(source, strict=False)
     log.info("loaded %d backbone tensors from %s", len(source), path)
     return len(source)
+
+
+CLASSIFIER = ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a finished training's folder (what ``--load-weights`` extends by class)."""
+    return Path(path, "model.json").is_file()
+
+
+def load_bundle_weights(
+    model: nn.Module, bundle: str | Path, template_id: str, labels: list[str], allow_dropped: bool = False
+) -> dict:
+    """Class-incremental start: every weight of a trained bundle of the same template, with the
+    classifier's rows matched to ``labels`` by class name (new classes keep their fresh
+    initialisation; old classes the new data lacks are refused unless ``allow_dropped``).
+    Returns what happened: {"bundle", "kept", "added", "dropped"}."""
+    import json
+
+    bundle = Path(bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    if meta.get("template") != template_id:
+        raise SegcoreError(f"was trained with {meta.get('template')}, not {template_id}: choose that template", bundle)
+    weights = bundle / meta.get("weights", "best.pt")
+    try:
+        saved = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    except Exception as exc:  # a damaged or foreign file
+        raise SegcoreError(f"cannot read the bundle's weights ({type(exc).__name__}: {exc})", weights) from exc
+    old = list(meta["labels"])
+    kept = [name for name in labels if name in old]
+    added = [name for name in labels if name not in old]
+    dropped = [name for name in old if name not in labels]
+    if dropped and not allow_dropped:
+        raise SegcoreError(
+            f"the data has no class {', '.join(dropped)} of this model; label them, or pass "
+            "--allow-dropped-classes to forget them",
+            bundle,
+        )
+    if not kept:
+        raise SegcoreError(f"shares no class with the data (model: {', '.join(old)})", bundle)
+    target = model.state_dict()
+    body = {k: v for k, v in saved.items() if k not in CLASSIFIER}
+    missing = [k for k in target if k not in CLASSIFIER and k not in body]
+    unexpected = [k for k in body if k not in target]
+    wrong = [k for k, v in body.items() if k in target and v.shape != target[k].shape]
+    if missing or unexpected or wrong:
+        raise SegcoreError(
+            f"the bundle's weights do not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} of another shape: {_first(missing + unexpected + wrong, 3)})",
+            weights,
+        )
+    model.load_state_dict(body, strict=False)
+    with torch.no_grad():
+        for key in CLASSIFIER:
+            rows = target[key]
+            for i, name in enumerate(labels):
+                if name in old:
+                    rows[i].copy_(saved[key][old.index(name)])  # the parameter itself (state_dict shares it)
+    log.info(
+        "classes from %s: kept %d (%s), added %d%s, dropped %d%s",
+        bundle, len(kept), ", ".join(kept), len(added), f" ({', '.join(added)})" if added else "",
+        len(dropped), f" ({', '.join(dropped)})" if dropped else "",
+    )  # fmt: skip
+    return {"bundle": str(bundle), "kept": kept, "added": added, "dropped": dropped}

@@ -43,6 +43,7 @@ def train_step(
     tracking: TrackingOptions | None = None,
     dist_timeout_s: float | None = None,
     unlabeled: str | None = None,
+    allow_dropped_classes: bool = False,
 ) -> dict:
     """Train and write the bundle to ``output`` (uploaded after every epoch when s3://); return
     the bundle metadata. Everything that can be refused is refused before any download.
@@ -51,7 +52,8 @@ def train_step(
     all of the above; the other ranks get the data (rank 0's copy when they can see it), train, and
     write nothing. ``dist_timeout_s`` bounds every collective (``segcore.parallel``).
 
-    ``unlabeled`` (a folder of images, local or s3://) switches on semi-supervised training."""
+    ``unlabeled`` (a folder of images, local or s3://) switches on semi-supervised training.
+    ``load_weights`` may be a bundle: class-incremental training (``segcore.training.train``)."""
     from segcore import devices, parallel
     from segcore.models import get_template
     from segcore.training import TrainConfig
@@ -62,7 +64,9 @@ def train_step(
     with parallel.session(parallel.device_for(device, parallel.env_world()), dist_timeout_s) as world:
         if not world.main:
             return _train_follower(config, source, resume=resume, unlabeled=unlabeled)
-        return _train_main(t, config, source, output, resume, load_weights, progress, tracking, unlabeled)
+        return _train_main(
+            t, config, source, output, resume, load_weights, progress, tracking, unlabeled, allow_dropped_classes
+        )
 
 
 def _unlabeled_files(unlabeled: str | None) -> list[Path] | None:
@@ -76,7 +80,16 @@ def _unlabeled_files(unlabeled: str | None) -> list[Path] | None:
 
 
 def _train_main(
-    t, config, source: DataSource, output: str, resume, load_weights, progress, tracking, unlabeled=None
+    t,
+    config,
+    source: DataSource,
+    output: str,
+    resume,
+    load_weights,
+    progress,
+    tracking,
+    unlabeled=None,
+    allow_dropped_classes=False,
 ) -> dict:
     """``train_step`` of one process, or of rank 0."""
     import contextlib
@@ -151,6 +164,7 @@ def _train_main(
             progress=progress,
             on_epoch=on_epoch,
             unlabeled=prepared["unlabeled"],
+            allow_dropped_classes=allow_dropped_classes,
         )
         if tracker.enabled:
             try:
