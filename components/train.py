@@ -29,6 +29,8 @@ def train(
     num_workers: int = 2,
     checkpoint_uri: str = "",
     unlabeled_data_uri: str = "",
+    load_weights_uri: str = "",
+    allow_dropped_classes: bool = False,
     s3_endpoint: str = "",
     tracking: bool = True,
     mlflow_tracking_uri: str = "",
@@ -50,7 +52,8 @@ def train(
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
     More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
-    unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher)."""
+    unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher).
+    load_weights_uri: backbone weights (.pth) or a trained bundle (class-incremental)."""
     from components import common
     from components.trainjob import Distribution, train_distributed
     from segcore import storage
@@ -63,6 +66,8 @@ def train(
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
     if unlabeled_data_uri:
         key["unlabeled"] = unlabeled_data_uri
+    if load_weights_uri:
+        key.update(load_weights=load_weights_uri, allow_dropped_classes=allow_dropped_classes)
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     dist = Distribution(
         train_nodes, train_procs_per_node, trainer_runtime, train_node_cpu, train_node_memory, train_gpu_type,
@@ -74,12 +79,14 @@ def train(
             meta, checkpoints = train_distributed(
                 template, dataset.path, model.path, options, checkpoint_uri, {**key, "processes": dist.processes},
                 dist, image=image, secrets=secrets, tracking=tracking_options, s3_endpoint=s3_endpoint,
-                local=train_launcher == "local", unlabeled=unlabeled_data_uri,
+                local=train_launcher == "local", unlabeled=unlabeled_data_uri, load_weights=load_weights_uri,
+                allow_dropped_classes=allow_dropped_classes,
             )  # fmt: skip
         else:
             meta, checkpoints = train_resumable(
                 template, dataset.path, model.path, options, checkpoint_uri, key, tracking_options,
-                unlabeled=unlabeled_data_uri,
+                unlabeled=unlabeled_data_uri, load_weights=load_weights_uri,
+                allow_dropped_classes=allow_dropped_classes,
             )  # fmt: skip
     keys = ("template", "labels", "input_size")
     model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})

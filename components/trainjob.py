@@ -369,6 +369,8 @@ def train_args(
     tracking,
     s3_endpoint: str,
     unlabeled: str = "",
+    load_weights: str = "",
+    allow_dropped_classes: bool = False,
 ):
     """``segcore train`` arguments of every node (after ``python3 -m torch.distributed.run``).
 
@@ -392,6 +394,8 @@ def train_args(
         args += ["--lr", repr(options.lr)]
     if unlabeled:
         args += ["--unlabeled-data-root", unlabeled]
+    if load_weights:
+        args += ["--load-weights", load_weights] + (["--allow-dropped-classes"] if allow_dropped_classes else [])
     if dist.gpu_type:
         args += ["--device", "cuda"]  # a node without CUDA fails at once instead of training on its CPU
     if s3_endpoint:
@@ -422,6 +426,8 @@ def train_distributed(
     s3_endpoint: str = "",
     local: bool = False,
     unlabeled: str = "",
+    load_weights: str = "",
+    allow_dropped_classes: bool = False,
 ) -> tuple[dict, str]:
     """The train step with ``dist.processes`` > 1: a TrainJob on the cluster (``local``: the same job
     run here), then the bundle from the checkpoint prefix into ``model_dir``. Returns (bundle
@@ -441,7 +447,10 @@ def train_distributed(
         log.info("%s holds this training, finished: reusing it", prefix)
         return collect_bundle(prefix, model_dir), prefix
     data_uri = str(dataset) if local else _shared_dataset(dataset, checkpoint_uri, manifest["content_hash"])
-    args = train_args(template, data_uri, prefix, options, dist, tracking, s3_endpoint, unlabeled)
+    args = train_args(
+        template, data_uri, prefix, options, dist, tracking, s3_endpoint, unlabeled, load_weights,
+        allow_dropped_classes,
+    )  # fmt: skip
     if local:
         launch_local(render(job_name(prefix), "local", image, args, dist, secrets), dist.timeout_min * 60)
     else:

@@ -51,6 +51,8 @@ PARAMS = {
     "qat_epochs": "qat_epochs",
     "checkpoint_uri": "checkpoint_uri",
     "unlabeled_data_root": "unlabeled_data_uri",
+    "load_weights": "load_weights_uri",
+    "allow_dropped_classes": "allow_dropped_classes",
     "s3_endpoint": "s3_endpoint",
     "tracking_uri": "mlflow_tracking_uri",
     "mlflow_experiment": "mlflow_experiment",
@@ -113,6 +115,17 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     )
     g.add_argument(
         "--checkpoint-uri", metavar="URI", help="s3:// prefix for training checkpoints (a retried training resumes)"
+    )
+    g.add_argument(
+        "--load-weights",
+        metavar="URI",
+        help="initial weights: backbone .pth, or a trained bundle (class-incremental: classes matched by name)",
+    )
+    g.add_argument(
+        "--allow-dropped-classes",
+        action="store_true",
+        default=None,
+        help="with a bundle in --load-weights: let the model forget classes the data lacks",
     )
 
     g = p.add_argument_group("validation, export, quantization")

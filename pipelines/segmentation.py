@@ -115,6 +115,8 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         qat_epochs: int = 2,
         checkpoint_uri: str = "",
         unlabeled_data_uri: str = "",
+        load_weights_uri: str = "",
+        allow_dropped_classes: bool = False,
         s3_endpoint: str = "",
         tracking: bool = True,
         mlflow_tracking_uri: str = "",
@@ -145,6 +147,9 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             checkpoint_uri: s3:// prefix for training checkpoints; a retried training resumes from there.
             unlabeled_data_uri: a folder of unlabelled images (s3:// or a path the pods see): semi-supervised
                 training (Mean Teacher) on them beside the labelled data ("" = supervised).
+            load_weights_uri: initial weights: backbone weights (.pth) or a trained bundle of the same template,
+                whose classes are matched to the data's by name (class-incremental) ("" = from scratch).
+            allow_dropped_classes: with a bundle in load_weights_uri, let the model forget classes the data lacks.
             s3_endpoint: S3-compatible endpoint URL, e.g. http://minio:9000 ("" = AWS_ENDPOINT_URL / AWS).
             tracking: log every step to MLflow.
             mlflow_tracking_uri: MLflow server ("" = MLFLOW_TRACKING_URI from the MLflow secret).
@@ -201,7 +206,7 @@ def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict):
     from kfp import kubernetes
 
     keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri",
-            "unlabeled_data_uri", "s3_endpoint")  # fmt: skip
+            "unlabeled_data_uri", "load_weights_uri", "allow_dropped_classes", "s3_endpoint")  # fmt: skip
     if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
         task = ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow, **_distribution(options))
         trained = _configure(task, options, "launch", "train (TrainJob)")

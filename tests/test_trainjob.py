@@ -407,3 +407,10 @@ def test_every_node_trains_semi_supervised_on_the_unlabelled_images():
     assert args[args.index("--unlabeled-data-root") + 1] == "s3://b/photos"
     assert "--unlabeled-data-root" not in train_args("Lite-HRNet-18", "s3://b/d", PREFIX, options, Distribution(2, 4),
                                                      None, "")  # fmt: skip
+
+
+def test_every_node_starts_from_the_same_bundle():
+    options = TrainOptions(num_workers=2)
+    args = train_args("Lite-HRNet-18", "s3://b/d", PREFIX, options, Distribution(2, 4), None, "", "",
+                      "s3://b/old-bundle", True)  # fmt: skip
+    assert args[args.index("--load-weights") + 1] == "s3://b/old-bundle" and "--allow-dropped-classes" in args

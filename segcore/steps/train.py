@@ -207,6 +207,8 @@ def train_resumable(
     key: dict | None = None,
     tracking: TrackingOptions | None = None,
     unlabeled: str = "",
+    load_weights: str = "",
+    allow_dropped_classes: bool = False,
 ) -> tuple[dict, str]:
     """The pipeline's training: with ``checkpoint_uri`` (s3:// or a volume that outlives the pod)
     checkpoints go to ``<checkpoint_uri>/train-<key>`` (key: dataset content, template and
@@ -215,17 +217,21 @@ def train_resumable(
     from segcore.data.convert import load_manifest
 
     source = DataSource(dataset)
+    more = dict(
+        tracking=tracking,
+        unlabeled=unlabeled or None,
+        load_weights=load_weights or None,
+        allow_dropped_classes=allow_dropped_classes,
+    )
     if not checkpoint_uri:
-        meta = train_step(
-            template, source, model_dir, options, resume=True, tracking=tracking, unlabeled=unlabeled or None
-        )
+        meta = train_step(template, source, model_dir, options, resume=True, **more)
         return meta, model_dir
     manifest = load_manifest(dataset)
     prefix = checkpoint_prefix(checkpoint_uri, manifest["content_hash"], template, key or asdict(options))
     if finished_at(prefix):
         log.info("%s holds this training, finished: reusing it", prefix)
     else:
-        train_step(template, source, prefix, options, resume=True, tracking=tracking, unlabeled=unlabeled or None)
+        train_step(template, source, prefix, options, resume=True, **more)
     return collect_bundle(prefix, model_dir), prefix
 
 
