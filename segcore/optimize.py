@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 # "__module.model.backbone.stage0.1.layers.0.spatial_weighting.1/aten::mul/Multiply".
 WEIGHTING_MULTIPLY = r".*(cross_resolution_weighting|spatial_weighting)[^/]*/aten::mul/.*"
 AGGREGATOR_ADD = r".*aggregator/aten::add/.*"
+# --scope head: the whole backbone stays in floating point (OTX 2.6's PTQ setting for Lite-HRNet-18,
+# ignored-scope pattern "__module.model.backbone/*"); only the decode head runs in INT8. In the
+# Lite-HRNet-18 template the iterative aggregator belongs to the backbone, so it stays float too.
+BACKBONE = r"__module\.model\.backbone[./].*"
+QAT_BACKBONE = r"(.*/)?backbone[./\[].*"  # the same in NNCF's PyTorch graph
+SCOPES = ("full", "head")
 # The segmenter's own final resize of the logits, in NNCF's PyTorch graph: kept float for QAT
 # as processing_ops() does for PTQ.
 SEGMENTER_RESIZE = "/interpolate/0"
@@ -61,6 +67,67 @@ def processing_ops(ov_model) -> list[str]:
         if node.get_type_name() in ("Interpolate", "Softmax")
         and not any(part in node.get_friendly_name() for part in (".backbone", ".decode_head"))
     ]
+
+
+def ignored_names(ov_model, scope: str = "full") -> list[str]:
+    """The IR operations PTQ leaves in floating point, by name: the pre/post-processing, the
+    weighting multiplications and the aggregator's additions, and with ``scope="head"`` the whole
+    backbone. Every pattern must match something in this IR (a pattern that silently matched
+    nothing would quantize what it was meant to protect)."""
+    import re
+
+    if scope not in SCOPES:
+        raise SegcoreError(f"unknown scope {scope!r} (choose {', '.join(SCOPES)})")
+    names = [node.get_friendly_name() for node in ov_model.get_ops() if node.get_type_name() != "Constant"]
+    patterns = {"weighting multiplications": WEIGHTING_MULTIPLY, "aggregator additions": AGGREGATOR_ADD}
+    if scope == "head":
+        patterns["backbone"] = BACKBONE
+    ignored = set(processing_ops(ov_model))
+    owners = module_names(ov_model)
+    for what, pattern in patterns.items():
+        hit = [name for name in names if re.fullmatch(pattern, owners.get(name, name))]
+        if not hit:
+            raise SegcoreError(f"the ignored scope for the {what} ({pattern}) matches no operation of this IR")
+        ignored.update(hit)
+    return sorted(ignored)
+
+
+def module_names(ov_model) -> dict[str, str]:
+    """Each operation's torch module name. The converter names operations after the module that
+    made them ("__module.model.backbone.stem.conv/aten::_convolution/Convolution"), but fusions
+    leave some without (a convolution merged with its batch norm's scale becomes "Multiply_123"):
+    those take the name of the nearest named operation they feed (the first by name on a tie, so
+    the answer does not depend on the graph's unordered consumer sets)."""
+    named = "__module."
+    out: dict[str, str] = {}
+    for node in ov_model.get_ops():
+        name = node.get_friendly_name()
+        if node.get_type_name() == "Constant" or name.startswith(named):
+            continue
+        frontier, seen = [node], {name}
+        while frontier and name not in out:
+            consumers = {
+                target.get_node().get_friendly_name(): target.get_node()
+                for current in frontier
+                for output in current.outputs()
+                for target in output.get_target_inputs()
+            }
+            found = sorted(other for other in consumers if other.startswith(named))
+            if found:
+                out[name] = found[0]
+            frontier = [consumers[other] for other in sorted(consumers) if other not in seen]
+            seen.update(consumers)
+    return out
+
+
+def quantized_layers(ov_model) -> int:
+    """Convolutions and matrix products that run in INT8: their activation input comes straight
+    from a FakeQuantize."""
+    count = 0
+    for node in ov_model.get_ops():
+        if node.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
+            count += node.input_value(0).get_node().get_type_name() == "FakeQuantize"
+    return count
 
 
 def _quiet_nncf() -> None:
@@ -133,8 +200,10 @@ def quantize_ir(
     max_dice_drop: float | None = None,
     seed: int = 0,
     range_estimator: str = "quantile",
+    scope: str = "full",
 ):
-    """Post-training quantization of a segcore IR; with ``max_dice_drop``, accuracy-controlled."""
+    """Post-training quantization of a segcore IR; with ``max_dice_drop``, accuracy-controlled.
+    ``scope``: "full" quantizes the whole network, "head" keeps the backbone in floating point."""
     import nncf
 
     from segcore.data.dataset import read_rgb
@@ -145,9 +214,7 @@ def quantize_ir(
     options = dict(
         preset=_preset(preset),
         subset_size=subset_size,
-        ignored_scope=nncf.IgnoredScope(
-            names=processing_ops(ov_model), patterns=[WEIGHTING_MULTIPLY, AGGREGATOR_ADD], validate=False
-        ),
+        ignored_scope=nncf.IgnoredScope(names=ignored_names(ov_model, scope)),
         advanced_parameters=_advanced(range_estimator),
     )
     if max_dice_drop is None:
@@ -188,6 +255,7 @@ def quantization_aware_training(
     num_workers: int = 2,
     progress: bool = False,
     range_estimator: str = "quantile",
+    scope: str = "full",
 ):
     """Insert NNCF fake-quantizers into a trained segmenter, fine-tune it with the training recipe
     at a low learning rate, and return (quantized torch model with the best weights, its metadata)."""
@@ -226,7 +294,9 @@ def quantization_aware_training(
             preset=_preset(preset),
             subset_size=len(indices),
             ignored_scope=nncf.IgnoredScope(
-                names=[SEGMENTER_RESIZE], patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]
+                names=[SEGMENTER_RESIZE],
+                patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]
+                + ([QAT_BACKBONE] if scope == "head" else []),
             ),
             advanced_parameters=_advanced(range_estimator),
         )
@@ -323,6 +393,7 @@ def optimize(
     num_workers: int = 2,
     progress: bool = False,
     range_estimator: str = "quantile",
+    scope: str = "full",
 ) -> dict:
     """Quantize MODEL (an IR: PTQ; a bundle: QAT, or PTQ of its FP32 export) -> OUTPUT/model.xml + report.json."""
     from segcore.inference import OpenVINOPredictor
@@ -333,6 +404,8 @@ def optimize(
     template = get_template(template)
     model_path, output, dataset_root = Path(model_path), Path(output), Path(dataset_root)
     mode, source_is_ir = _check_request(model_path, mode, max_dice_drop, output)
+    if scope not in SCOPES:
+        raise SegcoreError(f"unknown scope {scope!r} (choose {', '.join(SCOPES)})")
     with tempfile.TemporaryDirectory(prefix="segcore-optimize-") as tmp:
         tmp = Path(tmp)
         fp32_model, xml, meta = _fp32_ir(model_path, source_is_ir, input_size, tmp)
@@ -343,14 +416,15 @@ def optimize(
         if mode == "ptq":
             log.info("PTQ: %d calibration images, preset %s", calibration, preset)
             int8_model = quantize_ir(
-                fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop, range_estimator=range_estimator
-            )
+                fp32_model, meta, dataset_root, subset_size, preset, max_dice_drop, range_estimator=range_estimator,
+                scope=scope,
+            )  # fmt: skip
             meta["ptq"] = {"calibration_images": subset_size, "preset": preset, "max_dice_drop": max_dice_drop}
         else:
             qat_model, meta = quantization_aware_training(
                 model_path, dataset_root, tmp / "qat", epochs=epochs, lr=lr, batch_size=batch_size,
                 subset_size=subset_size, preset=preset, num_workers=num_workers, progress=progress,
-                range_estimator=range_estimator,
+                range_estimator=range_estimator, scope=scope,
             )  # fmt: skip
             if input_size:
                 meta["input_size"] = list(input_size)
@@ -367,6 +441,8 @@ def optimize(
             "val_mdice_fp32": dice_before, "val_mdice_int8": dice_after, "dice_drop": dice_before - dice_after,
             "fp32_ir_bytes": ir_size(xml), "int8_ir_bytes": ir_size(int8_xml),
             "fake_quantize_ops": count_ops(int8_model, "FakeQuantize")["FakeQuantize"],
+            "scope": scope, "quantized_layers": quantized_layers(int8_model),
+            "layers": count_ops(fp32_model, "Convolution", "GroupConvolution", "MatMul"),
             "latency_ms_fp32": _latency(xml, val_items), "latency_ms_int8": _latency(int8_xml, val_items),
             "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip

@@ -249,3 +249,61 @@ def test_export_refuses_a_non_empty_output_and_optimize_checks_the_mode(trained,
     assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["ir"]), "--mode", "qat",
                  "--train-data-root", str(trained["dataset"]), "--output", str(tmp_path / "q")]) == 2  # fmt: skip
     _one_error_line(capsys, "needs a PyTorch bundle")
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda t: t.name)
+def test_the_ignored_scope_names_what_it_means(template, tmp_path):
+    """Every ignored-scope pattern matches in every template, and scope "head" covers the whole
+    backbone and nothing of the head but the aggregator's additions."""
+    from segcore.export import to_openvino
+    from segcore.inference import TorchPredictor
+    from segcore.optimize import ignored_names, module_names
+
+    bundle = _write_bundle(tmp_path / "b", template, ["a", "b", "c"])
+    predictor = TorchPredictor(bundle)
+    model = to_openvino(predictor.model, dict(predictor.meta))
+    ops = [n for n in model.get_ops() if n.get_type_name() != "Constant"]
+    full, head = set(ignored_names(model, "full")), set(ignored_names(model, "head"))
+    weighting = {
+        n.get_friendly_name() for n in ops if n.get_type_name() == "Multiply" and "weighting" in n.get_friendly_name()
+    }
+    assert weighting and weighting <= full
+    assert any("aggregator/aten::add" in name for name in full)
+    assert set(processing_ops(model)) <= full <= head
+    # operations renamed by fusion (a convolution becomes "Multiply_123") belong where the operation they feed does
+    owners = module_names(model)
+    names = [n.get_friendly_name() for n in ops]
+    backbone = {name for name in names if owners.get(name, name).startswith("__module.model.backbone.")}
+    assert backbone <= head
+    convs = [n.get_friendly_name() for n in ops if n.get_type_name() in ("Convolution", "GroupConvolution")]
+    assert all(owners.get(c, c).startswith(("__module.model.backbone.", "__module.model.decode_head.")) for c in convs)
+    head_convs = [c for c in convs if c not in head]
+    assert head_convs and all(owners.get(c, c).startswith("__module.model.decode_head.") for c in head_convs)
+    assert all("aggregator/aten::add" in name for name in head - backbone - set(processing_ops(model)))
+
+
+def test_an_ignored_scope_pattern_that_matches_nothing_is_refused(monkeypatch, trained):
+    from segcore import optimize
+    from segcore.errors import SegcoreError
+
+    model = ov.Core().read_model(trained["ir"])
+    monkeypatch.setattr(optimize, "AGGREGATOR_ADD", r".*no_such_module/aten::add/.*")
+    with pytest.raises(SegcoreError, match="aggregator additions .* matches no operation"):
+        optimize.ignored_names(model)
+
+
+def test_ptq_of_the_head_only_leaves_the_backbone_float(tiny, trained):
+    from segcore.optimize import ignored_names, optimize
+
+    full = json.loads((tiny.cli.int8 / "report.json").read_text())
+    report = optimize(trained["ir"], "Lite-HRNet-s-mod2", trained["dataset"], trained["root"] / "head", subset_size=2,
+                      scope="head")  # fmt: skip
+    assert report["scope"] == "head" and full["scope"] == "full"
+    assert 0 < report["quantized_layers"] < full["quantized_layers"]
+    for out, scope in ((trained["root"] / "head", "head"), (tiny.cli.int8, "full")):
+        model = ov.Core().read_model(out / IR_NAME)
+        kept = set(ignored_names(model, scope))
+        for node in model.get_ops():
+            if node.get_friendly_name() in kept:
+                fed = [node.input_value(i).get_node().get_type_name() for i in range(node.get_input_size())]
+                assert "FakeQuantize" not in fed, (scope, node.get_friendly_name())

@@ -53,6 +53,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="quantile",
         help="activation ranges: OTX's mean quantiles (default; more accurate) or min/max (faster to calibrate)",
     )
+    p.add_argument(
+        "--scope",
+        choices=("full", "head"),
+        default="full",
+        help="full (default): quantize the whole network; head: keep the backbone in floating point, as OTX 2.6 "
+        "does for Lite-HRNet (safer for Dice, little faster than FP32)",
+    )
     p.add_argument("--epochs", type=int, default=2, help="QAT fine-tuning epochs (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, help="QAT batch size (default: the model's training batch size)")
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         subset_size=args.subset_size,
         preset=args.preset,
         range_estimator=args.range_estimator,
+        scope=args.scope,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,

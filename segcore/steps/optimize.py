@@ -26,6 +26,7 @@ class QuantizeOptions:
     batch_size: int | None = None
     input_size: tuple[int, int] | None = None
     num_workers: int = 2
+    scope: str = "full"  # full: the whole network in INT8; head: the backbone stays float (OTX 2.6)
 
 
 def optimize_step(
@@ -85,7 +86,7 @@ def optimize_step(
 def optimize_params(model: str, source: DataSource, report: dict, options: QuantizeOptions) -> dict:
     from segcore.tracking import redact
 
-    keys = ("template", "mode", "preset", "range_estimator", "calibration_images", "max_dice_drop")
+    keys = ("template", "mode", "scope", "preset", "range_estimator", "calibration_images", "max_dice_drop")
     return {
         "model": redact(model),
         **{k: report[k] for k in keys},
@@ -104,4 +105,5 @@ def optimize_metrics(report: dict) -> dict:
         "int8_ir_mb": report["int8_ir_bytes"] / 1e6,
         "latency_ms_fp32": report["latency_ms_fp32"],
         "latency_ms_int8": report["latency_ms_int8"],
+        "quantized_layers": report["quantized_layers"],
     }
