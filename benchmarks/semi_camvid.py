@@ -66,6 +66,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="draws the labelled images")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--together", action="store_true", help="run both trainings at once, one thread each")
+    ap.add_argument(
+        "--reuse-supervised",
+        metavar="DIR",
+        help="a finished supervised run of the same split and epochs (its output folder): only the semi run trains",
+    )
     ap.add_argument("--semi-args", default="", help="extra segcore train flags for the semi-supervised run")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
     args = ap.parse_args()
@@ -81,6 +86,8 @@ def main() -> int:
         "supervised": [],
         "semi": ["--unlabeled-data-root", str(photos), *shlex.split(args.semi_args)],
     }
+    if args.reuse_supervised:
+        del runs["supervised"]
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if args.together else {}))
     procs, outs, started, walls = {}, {}, {}, {}
     for name, extra in runs.items():
@@ -107,6 +114,13 @@ def main() -> int:
         "unlabelled_images": len(list(photos.iterdir())),
         "command": shlex.join(["python", "benchmarks/semi_camvid.py", *sys.argv[1:]]),
     }
+    if args.reuse_supervised:
+        outs = {"supervised": Path(args.reuse_supervised), **outs}
+        reused = json.loads((outs["supervised"] / "model.json").read_text())
+        if reused["epochs_run"] != args.epochs:
+            print(f"--reuse-supervised ran {reused['epochs_run']} epochs, not {args.epochs}", file=sys.stderr)
+            return 1
+        walls["supervised"] = reused["train_seconds"]
     for name, out in outs.items():
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         meta = json.loads((out / "model.json").read_text())
@@ -118,6 +132,7 @@ def main() -> int:
             "best_weights_from": meta.get("best_weights_from"),
             "per_class_at_best": {k: None if v is None else round(v, 3) for k, v in best["val_dice"].items()},
             "wall_min": round(walls[name] / 60, 1),
+            "train_min": round(meta["train_seconds"] / 60, 1),
         }
         if "val_mdice_by_source" in records[0]:
             for source in records[0]["val_mdice_by_source"]:

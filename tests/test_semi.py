@@ -46,7 +46,7 @@ def test_weight_average_matches_a_scalar_reference():
         with torch.no_grad():
             model.weight.fill_(value)
         average.update(model)
-        d = min(0.9, n / (n + 1))  # the mean of the steps so far, until that reaches the decay
+        d = min(0.9, (1 + n) / (10 + n))  # the first updates follow the model closely
         want = d * want + (1 - d) * value
         assert average.model.weight.item() == pytest.approx(want, rel=1e-6)
     assert not average.model.weight.requires_grad
@@ -62,13 +62,13 @@ def test_weight_average_copies_integer_buffers_and_averages_bn_statistics():
     average = WeightAverage(model, decay=0.5)
     model.train()
     model(torch.randn(4, 2, 3, 3) * 3 + 1)
-    average.update(model)  # d = min(0.5, 0 / 1) = 0: the first update copies
+    average.update(model)  # d = min(0.5, 1 / 10)
     assert average.model.num_batches_tracked.item() == 1
-    assert torch.equal(average.model.running_mean, model.running_mean)
+    assert torch.allclose(average.model.running_mean, 0.9 * model.running_mean)
     before = average.model.running_var.clone()
     model(torch.randn(4, 2, 3, 3))
-    average.update(model)  # d = min(0.5, 1 / 2)
-    assert torch.allclose(average.model.running_var, 0.5 * before + 0.5 * model.running_var)
+    average.update(model)  # d = min(0.5, 2 / 11)
+    assert torch.allclose(average.model.running_var, 2 / 11 * before + 9 / 11 * model.running_var)
 
 
 def _reference_pseudo_labels(logits: np.ndarray, valid: np.ndarray, share: float) -> np.ndarray:
