@@ -116,17 +116,7 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     g.add_argument(
         "--checkpoint-uri", metavar="URI", help="s3:// prefix for training checkpoints (a retried training resumes)"
     )
-    g.add_argument(
-        "--load-weights",
-        metavar="URI",
-        help="initial weights: backbone .pth, or a trained bundle (class-incremental: classes matched by name)",
-    )
-    g.add_argument(
-        "--allow-dropped-classes",
-        action="store_true",
-        default=None,
-        help="with a bundle in --load-weights: let the model forget classes the data lacks",
-    )
+    _add_start_params(g)
 
     g = p.add_argument_group("validation, export, quantization")
     g.add_argument("--min-dice", type=float, help="FP32 mean Dice needed for export to run (default 0: no gate)")
@@ -246,6 +236,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_params(s, local=False)
     _add_options(s)
     s.set_defaults(func=run_submit)
+
+
+def _add_start_params(g) -> None:
+    """Where the training starts from: weights, or a bundle to extend by classes."""
+    g.add_argument(
+        "--load-weights",
+        metavar="URI",
+        help="initial weights: backbone .pth, or a trained bundle (class-incremental: classes matched by name)",
+    )
+    g.add_argument(
+        "--allow-dropped-classes",
+        action="store_true",
+        default=None,
+        help="with a bundle in --load-weights: let the model forget classes the data lacks",
+    )
 
 
 def pipeline_params(args: argparse.Namespace) -> dict:

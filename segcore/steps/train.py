@@ -79,18 +79,8 @@ def _unlabeled_files(unlabeled: str | None) -> list[Path] | None:
     return list_unlabeled(storage.local_input(unlabeled) if storage.is_s3(unlabeled) else Path(unlabeled))
 
 
-def _train_main(
-    t,
-    config,
-    source: DataSource,
-    output: str,
-    resume,
-    load_weights,
-    progress,
-    tracking,
-    unlabeled=None,
-    allow_dropped_classes=False,
-) -> dict:
+def _train_main(t, config, source: DataSource, output: str, resume, load_weights, progress, tracking,
+                unlabeled=None, allow_dropped_classes=False) -> dict:  # fmt: skip
     """``train_step`` of one process, or of rank 0."""
     import contextlib
 
@@ -136,12 +126,9 @@ def _train_main(
         )
         out, tracker, dataset, manifest = (prepared[k] for k in ("out", "tracker", "dataset", "manifest"))
         tracker.write_run_file(out)
-        params = train_params(t, config, manifest, source, output, load_weights)
-        if prepared["unlabeled"]:
-            from segcore.tracking import redact
-
-            params.update(unlabeled_data_root=redact(unlabeled), unlabeled_files=len(prepared["unlabeled"]))
-        tracker.log_params(params)
+        tracker.log_params(
+            train_params(t, config, manifest, source, output, load_weights, unlabeled, prepared["unlabeled"])
+        )
         tracker.log_dataset(manifest, source.train_root, "train")
         upload = _uploader(output, out)
 
@@ -149,12 +136,7 @@ def _train_main(
             tracker.log_metrics(epoch_metrics(record), step=record["epoch"])
             upload()
 
-        ranks = parallel.world().size
-        batch = f"batch {config.batch_size}" + (f" x {ranks} processes" if ranks > 1 else "")
-        log.info(
-            "training %s: input %dx%d, %s, lr %g, up to %d epochs",
-            t.name, *config.input_size, batch, config.lr, config.epochs,
-        )  # fmt: skip
+        _announce(t, config, parallel.world().size)
         meta = train(
             config,
             dataset,
@@ -173,6 +155,14 @@ def _train_main(
                 log.warning("could not log the training result to MLflow: %s", exc)
         upload(final=True)  # before the tracking queue is flushed: the bundle first
     return meta
+
+
+def _announce(t, config, ranks: int) -> None:
+    batch = f"batch {config.batch_size}" + (f" x {ranks} processes" if ranks > 1 else "")
+    log.info(
+        "training %s: input %dx%d, %s, lr %g, up to %d epochs",
+        t.name, *config.input_size, batch, config.lr, config.epochs,
+    )  # fmt: skip
 
 
 def _train_follower(config, source: DataSource, *, resume: bool, unlabeled: str | None = None) -> dict:
@@ -318,7 +308,9 @@ def _uploader(output: str, local: Path):
     return upload
 
 
-def train_params(template, config, manifest: dict, source: DataSource, output: str, load_weights) -> dict:
+def train_params(
+    template, config, manifest: dict, source: DataSource, output: str, load_weights, unlabeled=None, unlabeled_files=()
+) -> dict:
     """What MLflow records about a training: template, every hyper-parameter, data and versions."""
     from segcore import __version__
     from segcore.tracking import redact
@@ -343,6 +335,8 @@ def train_params(template, config, manifest: dict, source: DataSource, output: s
         output=redact(output),
         **source.params(),
     )
+    if unlabeled_files:
+        params.update(unlabeled_data_root=redact(unlabeled), unlabeled_files=len(unlabeled_files))
     return params
 
 
