@@ -118,15 +118,7 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     )
     _add_start_params(g)
 
-    g = p.add_argument_group("validation, export, quantization")
-    g.add_argument("--min-dice", type=float, help="FP32 mean Dice needed for export to run (default 0: no gate)")
-    g.add_argument("--precision", choices=("FP32", "FP16"), help="exported IR weights (default FP32)")
-    g.add_argument("--quantization-mode", choices=("ptq", "qat"), help="default ptq")
-    g.add_argument("--max-dice-drop", type=float, metavar="D", help="PTQ with accuracy control (default 0: off)")
-    g.add_argument(
-        "--subset-size", type=int, help="calibration images " + default(str(LOCAL_DEFAULTS["subset_size"]), "300")
-    )
-    g.add_argument("--qat-epochs", type=int, help="QAT fine-tuning epochs (default 2)")
+    _add_deploy_params(p, default)
 
     g = p.add_argument_group("tracking (MLflow)")
     g.add_argument(
@@ -236,6 +228,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_params(s, local=False)
     _add_options(s)
     s.set_defaults(func=run_submit)
+
+
+def _add_deploy_params(p: argparse.ArgumentParser, default) -> None:
+    from pipelines.defaults import LOCAL_DEFAULTS
+
+    g = p.add_argument_group("validation, export, quantization")
+    g.add_argument("--min-dice", type=float, help="FP32 mean Dice needed for export to run (default 0: no gate)")
+    g.add_argument("--precision", choices=("FP32", "FP16"), help="exported IR weights (default FP32)")
+    g.add_argument("--quantization-mode", choices=("ptq", "qat"), help="default ptq")
+    g.add_argument("--max-dice-drop", type=float, metavar="D", help="PTQ with accuracy control (default 0: off)")
+    g.add_argument(
+        "--subset-size", type=int, help="calibration images " + default(str(LOCAL_DEFAULTS["subset_size"]), "300")
+    )
+    g.add_argument("--qat-epochs", type=int, help="QAT fine-tuning epochs (default 2)")
 
 
 def _add_start_params(g) -> None:
