@@ -71,6 +71,7 @@ def main() -> int:
         metavar="DIR",
         help="a finished supervised run of the same split and epochs (its output folder): only the semi run trains",
     )
+    ap.add_argument("--reuse-semi", metavar="DIR", help="a finished semi-supervised run: only collect the results")
     ap.add_argument("--semi-args", default="", help="extra segcore train flags for the semi-supervised run")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
     args = ap.parse_args()
@@ -86,8 +87,10 @@ def main() -> int:
         "supervised": [],
         "semi": ["--unlabeled-data-root", str(photos), *shlex.split(args.semi_args)],
     }
-    if args.reuse_supervised:
-        del runs["supervised"]
+    reuse = {"supervised": args.reuse_supervised, "semi": args.reuse_semi}
+    for name, folder in reuse.items():
+        if folder:
+            del runs[name]
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if args.together else {}))
     procs, outs, started, walls = {}, {}, {}, {}
     for name, extra in runs.items():
@@ -114,13 +117,17 @@ def main() -> int:
         "unlabelled_images": len(list(photos.iterdir())),
         "command": shlex.join(["python", "benchmarks/semi_camvid.py", *sys.argv[1:]]),
     }
-    if args.reuse_supervised:
-        outs = {"supervised": Path(args.reuse_supervised), **outs}
-        reused = json.loads((outs["supervised"] / "model.json").read_text())
-        if reused["epochs_run"] != args.epochs:
-            print(f"--reuse-supervised ran {reused['epochs_run']} epochs, not {args.epochs}", file=sys.stderr)
+    for name, folder in reuse.items():
+        if not folder:
+            continue
+        outs[name] = Path(folder)
+        reused = json.loads((outs[name] / "model.json").read_text())
+        if reused["training_config"]["epochs"] != args.epochs:  # the same budget (early stopping may end sooner)
+            print(f"{folder}: trained for up to {reused['training_config']['epochs']} epochs, not {args.epochs}",
+                  file=sys.stderr)  # fmt: skip
             return 1
-        walls["supervised"] = reused["train_seconds"]
+        walls[name] = reused["train_seconds"]
+    outs = {name: outs[name] for name in ("supervised", "semi")}
     for name, out in outs.items():
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         meta = json.loads((out / "model.json").read_text())
@@ -129,6 +136,7 @@ def main() -> int:
             "val_mdice": [round(r["val_mdice"], 4) for r in records],
             "best_val_mdice": round(meta["best_val_mdice"], 4),
             "best_epoch": meta["best_epoch"],
+            "epochs_run": meta["epochs_run"],
             "best_weights_from": meta.get("best_weights_from"),
             "per_class_at_best": {k: None if v is None else round(v, 3) for k, v in best["val_dice"].items()},
             "wall_min": round(walls[name] / 60, 1),
