@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,7 @@ class UnlabeledDataset(Dataset):
         self.config = config
         self.seed = seed
         # The geometric part of the labelled recipe; colour changes belong to the strong view only.
-        self.augment = AugmentConfig(**{**augment.__dict__, "photometric_p": 0.0, "mix_p": 0.0, "cat_max_ratio": 1.0})
+        self.augment = replace(augment, photometric_p=0.0, mix_p=0.0, cat_max_ratio=1.0)
         self.transform = TrainTransform(self.augment)
         self.files: list[Path] = []
         skipped = []

@@ -428,11 +428,8 @@ def _with_unlabeled(config, state: _State, train_set, loader: DataLoader, files:
     data = UnlabeledDataset(files, augment, state.semi, config.seed, labelled)
     w = state.world
     sampler = UnlabeledBatches(len(data), state.semi.unlabeled_batch_size, len(loader), config.seed, w)
-    workers = dict(num_workers=config.num_workers)
-    if config.num_workers > 0:
-        workers.update(prefetch_factor=2, persistent_workers=True)
     state.unlabeled_images = len(data)
-    unlabelled = DataLoader(data, batch_sampler=sampler, pin_memory=state.device.type == "cuda", **workers)
+    unlabelled = DataLoader(data, batch_sampler=sampler, **_loader_options(config, state))
     log.info(
         "semi-supervised (Mean Teacher): %d unlabelled images, batch %d beside the labelled %d, from epoch %d",
         len(data), state.semi.unlabeled_batch_size, config.batch_size, state.semi.unlabeled_start_epoch,
@@ -581,12 +578,16 @@ def _train_loader(config: TrainConfig, train_set: SegmentationDataset, state: _S
         batch_size = max(1, len(train_set) // w.size)
         log.warning("batch size %d x %d processes > %d training items: using %d per process",
                     config.batch_size, w.size, len(train_set), batch_size)  # fmt: skip
-    workers = dict(num_workers=config.num_workers)
-    if config.num_workers > 0:
-        workers.update(prefetch_factor=2, persistent_workers=True)
     sampler = _EpochBatches(len(train_set), batch_size, config.seed, w)
-    pin = state.device.type == "cuda"
-    return DataLoader(train_set, batch_sampler=sampler, pin_memory=pin, **workers)
+    return DataLoader(train_set, batch_sampler=sampler, **_loader_options(config, state))
+
+
+def _loader_options(config: TrainConfig, state: _State) -> dict:
+    """Workers that live for the whole run (see ``_train_loader``); pinned memory on CUDA."""
+    options = dict(num_workers=config.num_workers, pin_memory=state.device.type == "cuda")
+    if config.num_workers > 0:
+        options.update(prefetch_factor=2, persistent_workers=True)
+    return options
 
 
 def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: int, progress: bool) -> tuple:
@@ -635,7 +636,7 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     """The labelled loss plus the weighted unsupervised loss of one step. The student sees the
     labelled images and the strong views in one forward pass (one batch-norm batch, one DDP call);
     the teacher labels the weak views."""
-    from segcore.semi import ignore_share, pseudo_labels, unsupervised_loss
+    from segcore.semi import IGNORE, ignore_share, pseudo_labels, unsupervised_loss
 
     weak, strong, valid = (t.to(state.device, non_blocking=True) for t in extra)
     weak, strong = weak.to(dtype), strong.to(dtype)
@@ -648,7 +649,7 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     supervised = criterion(logits[: len(images)], masks)
     unsupervised = unsupervised_loss(logits[len(images) :], labels)
     unsup["loss"] += float(unsupervised.detach())
-    unsup["used"] += float((labels != 255).float().mean())
+    unsup["used"] += float((labels != IGNORE).float().mean())
     unsup["steps"] += 1
     return supervised + state.semi.unlabeled_weight * unsupervised
 

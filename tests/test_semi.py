@@ -7,15 +7,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from runs import kill_after_epochs
 
 from segcore import parallel
 from segcore.cli import main
@@ -263,17 +262,8 @@ def test_semi_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
     cmd = [sys.executable, "-m", "segcore.cli", "train", "Lite-HRNet-s-mod2", "--train-data-root", str(labelled.root),
            "--unlabeled-data-root", str(photos), "--output", str(out), "--epochs", "12", *TINY]  # fmt: skip
     env = {**os.environ, "CI": "true"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    done = kill_after_epochs(cmd, env, metrics, epochs=2, timeout_s=240)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == done[-1] and ckpt["ema"]["updates"] > 0  # the teacher is checkpointed
     resumed = subprocess.run([*cmd, "--resume", "--epochs", str(done[-1] + 2)], env=env, capture_output=True, text=True)

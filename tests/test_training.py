@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from runs import kill_after_epochs
 
 from segcore.cli import main
 from segcore.data import transforms as T
@@ -343,17 +342,8 @@ def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "segcore.cli", "train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root),
            "--output", str(out), "--epochs", "12", *TINY]  # fmt: skip
     env = {**os.environ, "CI": "true"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    done = kill_after_epochs(cmd, env, metrics, epochs=2, timeout_s=180)
     assert not (out / "model.json").exists()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == done[-1]  # the checkpoint holds every finished epoch
