@@ -1,7 +1,7 @@
 """The local run's defaults (a light module: `segcore --help` reads them)."""
 
 # `segcore pipeline run --local` without flags: a run that takes a couple of minutes on 2 cores
-# and visibly learns: 12 epochs x 12 steps take the demo's val mean Dice to 0.74-0.83 (FP32 and
+# and visibly learns: 12 epochs x 12 steps take the demo's val mean Dice to 0.73-0.83 (FP32 and
 # INT8; still rising steeply, so float rounding moves it). 128x128 costs little more per step
 # than 64x64 and gives the stride-8 features room.
 LOCAL_DEFAULTS = {
