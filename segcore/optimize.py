@@ -7,11 +7,15 @@ aggregator's additions; 300 calibration images from the training split. The grap
 post-processing (input resize, the resize of the logits to the image size, softmax) stays in
 floating point too: int8 gains nothing there, and rounding the logits would flip near ties.
 
-Activation ranges: OTX's mean quantiles (outlier probability 1e-4) by default. Plain min/max
-(``range_estimator="minmax"``) calibrates about 2.5x faster, since NNCF reduces min/max inside the
-graph but copies every activation out of OpenVINO for quantiles, and it costs far more Dice: on
-CamVid with Lite-HRNet-18 (32 calibration images, 25 validation images) the mean Dice went from
-0.441 (FP32) to 0.415 with quantiles and to 0.335 with min/max (0.334 with mean min/max).
+Activation ranges (``range_estimator``): "quantile" (the default) takes each calibration image's
+1e-4 and 1 - 1e-4 quantiles and averages them over the images (NNCF's MEAN_QUANTILE);
+"quantile_minmax" takes the same per-image quantiles but keeps the lowest and the highest over the
+images, which is what OTX 1.x configured; "histogram" is NNCF's MSE-optimal range from a histogram;
+"minmax" the plain extremes. Plain min/max calibrates about 2.5x faster, since NNCF reduces
+min/max inside the graph but copies every activation out of OpenVINO for quantiles, and it costs
+far more Dice: on CamVid with Lite-HRNet-18 (32 calibration images, 25 validation images) the mean
+Dice went from 0.441 (FP32) to 0.415 with quantiles and to 0.335 with min/max (0.334 with mean
+min/max).
 """
 
 from __future__ import annotations
@@ -147,18 +151,43 @@ def _preset(name: str):
     return presets[name]
 
 
-RANGE_ESTIMATORS = ("minmax", "quantile")
+RANGE_ESTIMATORS = ("quantile", "quantile_minmax", "histogram", "minmax")
+
+
+def _range_estimator(name: str):
+    """NNCF's activation range parameters for a RANGE_ESTIMATORS name (None: NNCF's min/max)."""
+    from nncf.quantization.range_estimator import (
+        AggregatorType,
+        RangeEstimatorParameters,
+        RangeEstimatorParametersSet,
+        StatisticsCollectorParameters,
+        StatisticsType,
+    )
+
+    if name not in RANGE_ESTIMATORS:
+        raise SegcoreError(f"unknown range estimator {name!r} (choose {', '.join(RANGE_ESTIMATORS)})")
+    if name == "quantile_minmax":
+        return RangeEstimatorParameters(
+            min=StatisticsCollectorParameters(
+                statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MIN
+            ),
+            max=StatisticsCollectorParameters(
+                statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MAX
+            ),
+        )
+    return {
+        "quantile": RangeEstimatorParametersSet.MEAN_QUANTILE,
+        "histogram": RangeEstimatorParametersSet.HISTOGRAM,
+    }.get(name)
 
 
 def _advanced(range_estimator: str):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    if range_estimator not in RANGE_ESTIMATORS:
-        raise SegcoreError(f"unknown range estimator {range_estimator!r} (choose {', '.join(RANGE_ESTIMATORS)})")
-    if range_estimator == "minmax":
+    params = _range_estimator(range_estimator)
+    if params is None:
         return AdvancedQuantizationParameters()
-    return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)
+    return AdvancedQuantizationParameters(activations_range_estimator_params=params)
 
 
 def count_ops(ov_model, *types: str) -> dict[str, int]:

@@ -307,3 +307,41 @@ def test_ptq_of_the_head_only_leaves_the_backbone_float(tiny, trained):
             if node.get_friendly_name() in kept:
                 fed = [node.input_value(i).get_node().get_type_name() for i in range(node.get_input_size())]
                 assert "FakeQuantize" not in fed, (scope, node.get_friendly_name())
+
+
+def test_range_estimators_otx_quantile_extremes_are_wider_than_mean_quantiles(trained):
+    """ "quantile_minmax" keeps the lowest low and the highest high of the per-image quantiles,
+    "quantile" their means: every activation range of the first holds the second's."""
+    from segcore.cli import build_parser
+    from segcore.export import read_meta
+    from segcore.optimize import RANGE_ESTIMATORS, quantize_ir
+
+    for estimator in RANGE_ESTIMATORS:  # the CLI offers each of them
+        args = build_parser().parse_args(["optimize", "Lite-HRNet-s-mod2", "--load-weights", "m", "--train-data-root",
+                                          "d", "--output", "o", "--range-estimator", estimator])  # fmt: skip
+        assert args.range_estimator == estimator
+    fp32 = ov.Core().read_model(trained["ir"])
+    meta = read_meta(fp32, trained["ir"])
+
+    def ranges(estimator):
+        model = quantize_ir(fp32.clone(), meta, trained["dataset"], subset_size=4, range_estimator=estimator)
+        return {
+            node.get_friendly_name(): (node.input_value(1).get_node().data, node.input_value(2).get_node().data)
+            for node in model.get_ops()
+            if node.get_type_name() == "FakeQuantize" and node.input_value(0).get_node().get_type_name() != "Constant"
+        }
+
+    mean, extremes = ranges("quantile"), ranges("quantile_minmax")
+    assert mean.keys() == extremes.keys() and len(mean) > 10
+    # NNCF widens near-empty ranges to a minimum of its own and moves bounds to make zero exact,
+    # so the claim is checked over the channels, with a slack of 1% of each range
+    contained = wider = total = 0
+    for name, (low, high) in mean.items():
+        x_low, x_high = extremes[name]
+        slack = 0.01 * (high - low)
+        contained += int(np.sum((x_low <= low + slack) & (x_high >= high - slack)))
+        wider += int(np.sum((x_low < low - slack) | (x_high > high + slack)))
+        total += low.size
+    assert contained >= 0.9 * total and wider >= 0.1 * total, (contained, wider, total)
+    with pytest.raises(Exception, match="unknown range estimator"):
+        quantize_ir(fp32.clone(), meta, trained["dataset"], subset_size=2, range_estimator="median")

@@ -49,9 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=("mixed", "performance"), default="mixed", help="NNCF preset (default mixed)")
     p.add_argument(
         "--range-estimator",
-        choices=("minmax", "quantile"),
+        choices=("quantile", "quantile_minmax", "histogram", "minmax"),  # segcore.optimize.RANGE_ESTIMATORS
         default="quantile",
-        help="activation ranges: OTX's mean quantiles (default; more accurate) or min/max (faster to calibrate)",
+        help="activation ranges: per-image quantiles averaged over the images (default), the same quantiles' "
+        "extremes over the images (OTX 1.x), NNCF's histogram, or plain min/max (fastest to calibrate, least accurate)",
     )
     p.add_argument(
         "--scope",
