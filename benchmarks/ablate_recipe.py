@@ -44,6 +44,29 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "otx_ema": ({"loss": "cross_entropy", "warmup_iters": 100, "plateau_patience": 4, "ema_decay": 0.99}, OTX_AUG),
     "otx_dice_lr2": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "lr": 2e-3}, OTX_AUG),
     "otx_dice_ema": ({"loss": "ce_dice", "warmup_iters": 100, "plateau_patience": 4, "ema_decay": 0.99}, OTX_AUG),
+    # OTX 2.6's remaining differences on segcore's engine: its init, its warm-up from lr/100, no clipping
+    "otx_exact": (
+        {
+            "loss": "cross_entropy",
+            "warmup_iters": 100,
+            "plateau_patience": 4,
+            "init": "otx",
+            "warmup_start_factor": 0.01,
+            "grad_clip_norm": 0.0,
+        },
+        OTX_AUG,
+    ),  # fmt: skip
+    "otx_dice_exact": (
+        {
+            "loss": "ce_dice",
+            "warmup_iters": 100,
+            "plateau_patience": 4,
+            "init": "otx",
+            "warmup_start_factor": 0.01,
+            "grad_clip_norm": 0.0,
+        },
+        OTX_AUG,
+    ),  # fmt: skip
 }
 
 

@@ -615,7 +615,8 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        if config.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step_iteration()

@@ -448,3 +448,24 @@ def test_kaiming_init_scales_convolutions_by_fan_out_and_keeps_the_classifier():
     torch.manual_seed(1)
     b = init_weights(create_model("Lite-HRNet-s-mod2", 3), "torch")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_otx_init_draws_only_the_conv_modules_by_fan_out():
+    """OTX 2.6's Lite-HRNet: kaiming for its ConvModules (segcore's ConvBNAct), PyTorch's
+    defaults for the plain fuse/transition convolutions and the classifier."""
+    from segcore.models import create_model, init_weights
+    from segcore.models.litehrnet import ConvBNAct
+
+    torch.manual_seed(0)
+    model = init_weights(create_model("Lite-HRNet-18", 11), "otx")
+    conv_bn_act = [m.conv for m in model.modules() if isinstance(m, ConvBNAct)]
+    big = max(conv_bn_act, key=lambda m: m.weight.numel())
+    fan_out = big.weight.shape[0] * big.weight[0, 0].numel()
+    assert big.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.1)
+    assert all(m.bias is None or not m.bias.any() for m in conv_bn_act)
+    inside = {id(m) for m in conv_bn_act}
+    plain = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and id(m) not in inside]
+    fuse = max(plain, key=lambda m: m.weight.numel())
+    for conv in (fuse, model.decode_head.conv_seg):  # PyTorch's U(+-1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.15)

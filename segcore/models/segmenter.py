@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcore.models.heads import FCNHead, IterativeAggregator
-from segcore.models.litehrnet import LiteHRNet
+from segcore.models.litehrnet import ConvBNAct, LiteHRNet
 from segcore.models.templates import Template, get_template
 
 __all__ = ["INIT_SCHEMES", "Segmenter", "create_model", "init_weights"]
@@ -67,7 +67,7 @@ def create_model(template: str | Template, num_classes: int) -> Segmenter:
     return Segmenter(backbone, decode_head)
 
 
-INIT_SCHEMES = ("torch", "kaiming")
+INIT_SCHEMES = ("torch", "kaiming", "otx")
 
 
 def init_weights(model: Segmenter, scheme: str) -> Segmenter:
@@ -76,11 +76,22 @@ def init_weights(model: Segmenter, scheme: str) -> Segmenter:
     ``torch`` keeps PyTorch's layer defaults. ``kaiming`` draws every convolution from a normal
     distribution scaled by its fan-out for ReLU (He et al. 2015; what mmcv's ``ConvModule`` does,
     on which OTX builds most of Lite-HRNet) with zero biases, and batch norms at weight 1, bias 0;
-    the classifier (``conv_seg``) keeps its own N(0, 0.01) start.
+    the classifier (``conv_seg``) keeps its own N(0, 0.01) start. ``otx`` is what OTX 2.6's
+    Lite-HRNet gets: the kaiming draw only for the convolutions that OTX builds as ``ConvModule``
+    (segcore's ``ConvBNAct``: stem, weighting, block and head convolutions), PyTorch's defaults for
+    the plain convolutions of the transition and fuse layers and for the classifier.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     if scheme == "torch":
+        return model
+    if scheme == "otx":
+        for module in model.modules():
+            if isinstance(module, ConvBNAct):
+                nn.init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
+                if module.conv.bias is not None:
+                    nn.init.zeros_(module.conv.bias)
+        model.decode_head.conv_seg.reset_parameters()
         return model
     classifier = getattr(model.decode_head, "conv_seg", None)
     for module in model.modules():

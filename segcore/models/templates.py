@@ -81,7 +81,7 @@ class Recipe:
     lr: float = 1e-3  # Adam
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip_norm: float = 40.0
+    grad_clip_norm: float = 40.0  # 0: no clipping
     warmup_iters: int = 80
     warmup_start_factor: float = 1 / 3
     plateau_factor: float = 0.1
@@ -92,7 +92,7 @@ class Recipe:
     epochs: int = 300
     loss: str = "max_pooling"  # or "cross_entropy" (plain, mean over valid pixels), "ce_dice"
     dice_weight: float = 1.0  # weight of the soft Dice term of "ce_dice"
-    init: str = "torch"  # weight initialisation from scratch: "torch" or "kaiming"
+    init: str = "torch"  # weight initialisation from scratch: "torch", "kaiming" or "otx"
     ema_decay: float = 0.0  # >0: validate and ship an exponential moving average of the weights
     max_pooling_ratio: float = 0.25
     max_pooling_p: float = 1.7
