@@ -3,9 +3,11 @@
 Both follow OTX's settings for Lite-HRNet: the mixed preset (symmetric weights, asymmetric
 activations), the multiplications inside cross-resolution and spatial weighting left in floating
 point (they scale features by sigmoid gates, which INT8 hurts), and for PTQ also the iterative
-aggregator's additions; 300 calibration images from the training split. The graph's own pre- and
-post-processing (input resize, the resize of the logits to the image size, softmax) stays in
-floating point too: int8 gains nothing there, and rounding the logits would flip near ties.
+aggregator's additions and the additions of the fuse layers (every convolution stays INT8; keeping
+these float recovered all of full PTQ's Dice loss on CamVid); 300 calibration images from the
+training split. The graph's own pre- and post-processing (input resize, the resize of the logits
+to the image size, softmax) stays in floating point too: int8 gains nothing there, and rounding
+the logits would flip near ties.
 
 Activation ranges (``range_estimator``): "quantile" (the default) takes each calibration image's
 1e-4 and 1 - 1e-4 quantiles and averages them over the images (NNCF's MEAN_QUANTILE);
@@ -48,6 +50,11 @@ log = logging.getLogger(__name__)
 # "__module.model.backbone.stage0.1.layers.0.spatial_weighting.1/aten::mul/Multiply".
 WEIGHTING_MULTIPLY = r".*(cross_resolution_weighting|spatial_weighting)[^/]*/aten::mul/.*"
 AGGREGATOR_ADD = r".*aggregator/aten::add/.*"
+# The additions of each high-resolution module's fuse layers (a branch plus the upsampled or
+# strided other branches): quantizing their inputs cost Lite-HRNet-18 all of its PTQ Dice loss
+# on CamVid (0.029 of 0.029, benchmarks/int8_study.py), and OTX 1.x's configs kept exactly these in float.
+FUSE_ADD = r"__module\.model\.backbone\.stage\d+\.\d+/aten::add/.*"
+QAT_FUSE_ADD = r"(.*/)?backbone/stage\d+/\d+/add/\d+"  # the same in NNCF's PyTorch graph
 # --scope head: the whole backbone stays in floating point (OTX 2.6's PTQ setting for Lite-HRNet-18,
 # ignored-scope pattern "__module.model.backbone/*"); only the decode head runs in INT8. In the
 # Lite-HRNet-18 template the iterative aggregator belongs to the backbone, so it stays float too.
@@ -75,7 +82,7 @@ def processing_ops(ov_model) -> list[str]:
 
 def ignored_names(ov_model, scope: str = "full") -> list[str]:
     """The IR operations PTQ leaves in floating point, by name: the pre/post-processing, the
-    weighting multiplications and the aggregator's additions, and with ``scope="head"`` the whole
+    weighting multiplications, the aggregator's and the fuse layers' additions, and with ``scope="head"`` the whole
     backbone. Every pattern must match something in this IR (a pattern that silently matched
     nothing would quantize what it was meant to protect)."""
     import re
@@ -83,7 +90,11 @@ def ignored_names(ov_model, scope: str = "full") -> list[str]:
     if scope not in SCOPES:
         raise SegcoreError(f"unknown scope {scope!r} (choose {', '.join(SCOPES)})")
     names = [node.get_friendly_name() for node in ov_model.get_ops() if node.get_type_name() != "Constant"]
-    patterns = {"weighting multiplications": WEIGHTING_MULTIPLY, "aggregator additions": AGGREGATOR_ADD}
+    patterns = {
+        "weighting multiplications": WEIGHTING_MULTIPLY,
+        "aggregator additions": AGGREGATOR_ADD,
+        "fuse additions": FUSE_ADD,
+    }
     if scope == "head":
         patterns["backbone"] = BACKBONE
     ignored = set(processing_ops(ov_model))
@@ -324,7 +335,7 @@ def quantization_aware_training(
             subset_size=len(indices),
             ignored_scope=nncf.IgnoredScope(
                 names=[SEGMENTER_RESIZE],
-                patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*"]
+                patterns=[r".*(cross_resolution_weighting|spatial_weighting).*mul.*", QAT_FUSE_ADD]
                 + ([QAT_BACKBONE] if scope == "head" else []),
             ),
             advanced_parameters=_advanced(range_estimator),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from segcore.data.transforms import MEAN, STD
 from segcore.export import IR_NAME, META_KEY
 from segcore.inference import OpenVINOPredictor, TorchPredictor
 from segcore.models import TEMPLATES, create_model
-from segcore.optimize import processing_ops
+from segcore.optimize import FUSE_ADD, processing_ops
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -151,6 +152,14 @@ def _assert_int8(out: Path, mode: str) -> dict:
     assert sorted(node.get_type_name() for node in processing) == ["Interpolate", "Interpolate", "Softmax"]
     for node in processing:
         assert node.input_value(0).get_node().get_type_name() != "FakeQuantize", node.get_friendly_name()
+    # nor the fuse layers' additions (where full-network INT8 lost its Dice on CamVid)
+    fuse_adds = [
+        n for n in model.get_ops() if n.get_type_name() == "Add" and re.fullmatch(FUSE_ADD, n.get_friendly_name())
+    ]
+    assert fuse_adds
+    for node in fuse_adds:
+        fed = [node.input_value(i).get_node().get_type_name() for i in range(node.get_input_size())]
+        assert "FakeQuantize" not in fed, node.get_friendly_name()
     return report
 
 
@@ -269,6 +278,15 @@ def test_the_ignored_scope_names_what_it_means(template, tmp_path):
     }
     assert weighting and weighting <= full
     assert any("aggregator/aten::add" in name for name in full)
+    # the fuse layers' additions: every one of them, in every stage module, and no convolution
+    fuse_add = re.compile(r"__module\.model\.backbone\.stage\d+\.\d+/aten::add/Add(_\d+)?")
+    fuse_adds = {
+        n.get_friendly_name() for n in ops if n.get_type_name() == "Add" and fuse_add.fullmatch(n.get_friendly_name())
+    }
+    assert fuse_adds and fuse_adds <= full
+    assert not any(
+        n.get_type_name() in ("Convolution", "GroupConvolution") for n in ops if n.get_friendly_name() in full
+    )
     assert set(processing_ops(model)) <= full <= head
     # operations renamed by fusion (a convolution becomes "Multiply_123") belong where the operation they feed does
     owners = module_names(model)
