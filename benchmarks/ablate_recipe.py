@@ -5,9 +5,11 @@ Run by hand (each variant is a full training of --epochs epochs; they run one af
     python benchmarks/ablate_recipe.py --template Lite-HRNet-s-mod2 --epochs 8 --input-size 512x512 \\
         --variants seed,ce,no_rot_mix,rrc,otx
 
-Each variant is the template's recipe with a few settings changed (see VARIANTS). Curves are
-appended to WORK/ablation.jsonl (one line per variant, with the command and the machine) and
-printed as a table at the end. Dice is segcore's protocol (masks at their own resolution).
+Each variant is the reference recipe (OTX 1.x's, segcore's defaults before this ablation: the
+variant `seed`) with a few settings changed (see VARIANTS); `default` is today's defaults (the
+ablation's outcome, `otx_dice_exact`). `--resume RUN_DIR` continues one variant's interrupted
+run. Curves are appended to WORK/ablation.jsonl (one line per variant, with the command and the
+machine) and printed as a table at the end. Dice is segcore's protocol (masks at their own resolution).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets" / "camvid"
 
-# name -> (TrainConfig overrides, AugmentConfig overrides)
+# name -> (TrainConfig overrides, AugmentConfig overrides), on top of the reference recipe (OTX 1.x's,
+# segcore's defaults before this ablation: RECIPES["reference"]); "default" is today's defaults.
 OTX_AUG = {"crop_mode": "random_resized_crop", "rotate_p": 0.0, "mix_p": 0.0, "photometric_p": 0.5}
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "seed": ({}, {}),  # the recipe as the template defines it
+    "default": ({}, {}),  # today's defaults (the outcome of this ablation: otx_dice_exact)
+    "seed": ({}, {}),  # the reference recipe, segcore's defaults until issue 20
     "ce": ({"loss": "cross_entropy"}, {}),
     "no_rot": ({}, {"rotate_p": 0.0}),
     "no_mix": ({}, {"mix_p": 0.0}),
@@ -93,6 +97,7 @@ def run_one(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> No
     h, w = (int(v) for v in args.input_size.split("x"))
     config = TrainConfig.from_template(
         args.template,
+        recipe="default" if name == "default" else "reference",
         epochs=args.epochs,
         batch_size=args.batch_size,
         input_size=(h, w),
@@ -103,7 +108,7 @@ def run_one(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> No
         augment=augment,
         **overrides,
     )
-    train(config, dataset, out)
+    train(config, dataset, out, resume=args.resume is not None)
 
 
 def main() -> int:
@@ -119,6 +124,9 @@ def main() -> int:
     ap.add_argument("--probe-ema", default="", help="comma-separated EMA decays also scored every epoch")
     ap.add_argument("--variants", default="seed,ce,no_rot_mix,otx", help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for datasets and runs (git-ignored)")
+    ap.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue one variant's interrupted run in RUN_DIR (from its last.pt)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,6 +140,8 @@ def main() -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.resume and len(names) != 1:
+        ap.error("--resume continues one run: give exactly one variant")
     work.mkdir(parents=True, exist_ok=True)
     if not (dataset / "manifest.json").is_file():
         segcore = [sys.executable, "-m", "segcore.cli"]
@@ -139,7 +149,11 @@ def main() -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for name in names:
-        out = work / "ablation" / f"{args.template}-{args.input_size}-{name}-{stamp}"
+        out = (
+            Path(args.resume)
+            if args.resume
+            else work / "ablation" / f"{args.template}-{args.input_size}-{name}-{stamp}"
+        )
         cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name, "--out", str(out)]
         print(f"== {name}: {VARIANTS[name]}", flush=True)
         started = time.perf_counter()

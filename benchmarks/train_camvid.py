@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ablate_recipe import machine  # noqa: E402  (the CPU's model and flags)
+
 DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets" / "camvid"
 
 
@@ -63,7 +65,8 @@ def main() -> int:
     meta = json.loads((run / "model.json").read_text())
     result = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
+        "precision": meta.get("train_precision"),
         "template": meta["template_name"],
         "input_size": args.input_size,
         "batch_size": args.batch_size,
@@ -74,6 +77,7 @@ def main() -> int:
         "train_img_per_s": round(sum(e["img_per_s"] for e in epochs) / len(epochs), 2),
         "peak_rss_gb": round(peak_rss_gb, 2),
         "val_mdice": round(scores["mdice"], 4),
+        "val_mdice_by_epoch": [round(e["val_mdice"], 4) for e in epochs],
         "val_miou": round(scores["miou"], 4),
         "per_class_dice": {
             k: None if v["dice"] is None else round(v["dice"], 4) for k, v in scores["per_class"].items()

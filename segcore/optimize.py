@@ -309,7 +309,7 @@ def quantization_aware_training(
 
     predictor = TorchPredictor(bundle)
     meta = dict(predictor.meta)
-    config = TrainConfig(**{**meta["training_config"], "input_size": tuple(meta["input_size"])})
+    config = TrainConfig.from_bundle(meta)
     config = replace(
         config,
         epochs=epochs,

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from segcore import parallel
 from segcore.data.transforms import MEAN, AugmentConfig, TrainTransform, normalize, pad_to, photometric
+from segcore.devices import at_least_fp32
 from segcore.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor, share: float, ignor
     """The argmax of ``logits`` (N, C, H, W) with, per image, the ``share`` of its valid pixels
     with the highest softmax entropy (floored to whole pixels), and every pixel where ``valid`` is
     False, set to ``ignore_index``."""
-    probs = torch.softmax(logits.float(), dim=1)
+    probs = torch.softmax(at_least_fp32(logits), dim=1)
     labels = probs.argmax(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
     labels[~valid] = ignore_index
@@ -85,7 +86,7 @@ def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor, share: float, ignor
 
 def unsupervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
     """Cross-entropy over the pseudo-labelled pixels divided by all pixels of the (global) batch."""
-    pixel = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    pixel = torch.nn.functional.cross_entropy(at_least_fp32(logits), labels, ignore_index=ignore_index, reduction="sum")
     total = torch.tensor(float(labels.numel()), device=logits.device)
     return parallel.sum_across(pixel) / parallel.sum_across(total).clamp(min=1)
 

@@ -34,7 +34,7 @@ from segcore.data.transforms import MEAN, STD, AugmentConfig
 from segcore.errors import SegcoreError
 from segcore.losses import CrossEntropy, DiceCrossEntropy, MaxPoolingCrossEntropy
 from segcore.models import create_model, get_template, init_weights
-from segcore.models.templates import Recipe
+from segcore.models.templates import RECIPES, Recipe
 from segcore.semi import SemiConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class TrainConfig(Recipe):
     the run's own settings. Saved in the bundle (``training_config``) under these names."""
 
     template: str = ""
+    recipe: str = "default"  # the named recipe (segcore.models.templates.RECIPES) the overrides start from
     num_workers: int = 2
     time_budget_min: float | None = None  # stop before an epoch that would overrun this
     augment: dict = field(default_factory=dict)  # AugmentConfig overrides
@@ -62,12 +63,30 @@ class TrainConfig(Recipe):
     semi: dict = field(default_factory=dict)  # SemiConfig overrides; used when unlabelled images are given
 
     @classmethod
-    def from_template(cls, template: str, **overrides) -> TrainConfig:
-        """The template's recipe with ``overrides`` (None values keep the recipe's)."""
+    def from_template(cls, template: str, recipe: str | None = None, **overrides) -> TrainConfig:
+        """The template's recipe, changed by the named ``recipe`` (``RECIPES``; None: "default")
+        and then by ``overrides`` (None values keep the recipe's; ``augment`` adds to the recipe's)."""
+        recipe = recipe or "default"
+        if recipe not in RECIPES:
+            raise SegcoreError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        changes, augment = RECIPES[recipe]
         t = get_template(template)
-        values = {**asdict(t.training), "template": t.id}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {**asdict(t.training), **changes, "template": t.id, "recipe": recipe}
+        values.update({k: v for k, v in overrides.items() if v is not None and k != "augment"})
+        values["augment"] = {**augment, **(overrides.get("augment") or {})}
         values["input_size"] = tuple(values["input_size"])
+        return cls(**values)
+
+    @classmethod
+    def from_bundle(cls, meta: dict) -> TrainConfig:
+        """The config a bundle was trained with (``model.json``). Bundles from before named recipes
+        hold no ``recipe``: they were trained with the reference recipe, which their empty
+        ``augment`` and any setting they lack meant then."""
+        values = {**meta["training_config"], "input_size": tuple(meta["input_size"])}
+        if "recipe" not in values:
+            changes, augment = RECIPES["reference"]
+            values = {**changes, **values, "recipe": "reference"}
+            values["augment"] = {**augment, **values.get("augment", {})}
         return cls(**values)
 
 

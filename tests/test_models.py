@@ -138,7 +138,14 @@ def test_templates_are_immutable_and_carry_training_defaults():
     training = template.training
     assert training.input_size == (512, 512) and training.batch_size == 8
     assert (training.lr, training.adam_eps, training.weight_decay) == (1e-3, 1e-8, 0.0)
-    assert (training.warmup_iters, training.epochs, training.grad_clip_norm) == (80, 300, 40.0)
+    # the defaults the issue-20 ablation chose (OTX 2.6's schedule and init, CE + soft Dice)
+    assert (training.warmup_iters, training.warmup_start_factor, training.epochs) == (100, 0.01, 300)
+    assert (training.grad_clip_norm, training.plateau_patience, training.loss, training.init) == (
+        0.0,
+        4,
+        "ce_dice",
+        "otx",
+    )
     assert template.head.aggregator_min_channels == 60
 
 

@@ -119,7 +119,8 @@ def _trained(dataset, output, world: int, batch: int, loss: str = "max_pooling",
 def test_two_processes_at_batch_4_have_the_loss_of_one_process_at_batch_8_at_step_1(datasets, tmp_path):
     one, _ = _trained(datasets["one_step"], tmp_path / "1x8", 1, 8)
     two, _ = _trained(datasets["one_step"], tmp_path / "2x4", 2, 4)
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    # fp32: the synchronised batch norm and the loss sum over two ranks in another order (a few ulp)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert not (tmp_path / "2x4-rank1").exists(), "only rank 0 writes"
 
 

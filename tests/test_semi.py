@@ -205,7 +205,8 @@ def test_semi_mode_switches_on_only_with_unlabelled_images(tmp_path, capsys):
     assert meta["training_config"]["semi"] == {"unlabeled_batch_size": 3}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["train_unsup_loss"] == 0.0  # epoch 1: labelled data only
-    assert records[1]["train_unsup_loss"] > 0 and 0 < records[1]["pseudo_pixel_share"] <= 0.8
+    # epoch 2 leaves out 19.8% of each image's pixels (floored to whole pixels), the highest-entropy ones
+    assert records[1]["train_unsup_loss"] > 0 and 0 < records[1]["pseudo_pixel_share"] <= 0.802 + 1e-3
     assert all(set(r["val_mdice_by_source"]) == {"teacher", "student"} for r in records)
     best = max(records, key=lambda r: r["val_mdice"])
     assert meta["best_weights_from"] == best["weights_from"] in ("teacher", "student")

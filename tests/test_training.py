@@ -377,18 +377,50 @@ def test_random_resized_crop_keeps_labels_and_size():
         T.AugmentConfig(crop_mode="zoom")
 
 
-def test_photometric_p_1_keeps_the_random_stream_of_the_recipe():
-    """The default (p=1) draws no extra number: a seeded augmentation is what it was before."""
+def test_photometric_p_1_keeps_the_random_stream_of_the_reference_recipe():
+    """The reference recipe (p=1) draws no extra number for the step's probability: its seeded
+    augmentation is the one the step had before ``photometric_p`` existed."""
+    from segcore.models.templates import RECIPES
+
     image = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     mask = np.zeros((40, 40), np.uint8)
-    a = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0))(image, mask, np.random.default_rng(5))
-    b = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0, photometric_p=1.0))(
+    reference = {**RECIPES["reference"][1], "mix_p": 0.0}
+    assert reference["photometric_p"] == 1.0
+    rng = np.random.default_rng(5)
+    a = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), **reference))(image, mask, rng)
+    b = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), **{**reference, "photometric_p": 0.999}))(
         image, mask, np.random.default_rng(5)
     )
-    assert np.array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], b[0])  # p < 1 draws one number more: the stream shifts
     none = T.TrainTransform(T.AugmentConfig(crop_size=(32, 32), mix_p=0.0, rotate_p=0.0, photometric_p=0.0))
     c = none(image, mask, np.random.default_rng(5))
     assert c[0].shape == (3, 32, 32)
+
+
+def test_named_recipes_start_from_the_defaults_and_take_overrides():
+    import dataclasses
+
+    from segcore.data.transforms import AugmentConfig
+    from segcore.models.templates import RECIPES
+    from segcore.training import TrainConfig
+
+    default = TrainConfig.from_template("Lite-HRNet-s-mod2")
+    assert default.recipe == "default" and default.augment == {} and default.loss == "ce_dice"
+    assert AugmentConfig().crop_mode == "random_resized_crop" and AugmentConfig().mix_p == 0.0
+    ref = TrainConfig.from_template("Lite-HRNet-s-mod2", recipe="reference", lr=5e-4, augment={"mix_p": 0.25})
+    assert (ref.recipe, ref.loss, ref.grad_clip_norm, ref.warmup_iters, ref.lr) == (
+        "reference", "max_pooling", 40.0, 80, 5e-4
+    )  # fmt: skip
+    assert ref.augment == {"crop_mode": "rescale_crop", "rotate_p": 0.5, "mix_p": 0.25, "photometric_p": 1.0}
+    with pytest.raises(SegcoreError, match="unknown recipe 'otx1'"):
+        TrainConfig.from_template("Lite-HRNet-s-mod2", recipe="otx1")
+    # a bundle's config comes back as it was; one from before named recipes had the reference's
+    meta = {"training_config": dataclasses.asdict(ref), "input_size": [512, 512]}
+    assert TrainConfig.from_bundle(meta) == ref
+    legacy = {k: v for k, v in dataclasses.asdict(ref).items() if k not in ("recipe", "loss", "init")}
+    old = TrainConfig.from_bundle({"training_config": {**legacy, "augment": {}}, "input_size": [512, 512]})
+    assert (old.recipe, old.loss, old.init) == ("reference", "max_pooling", "torch")
+    assert AugmentConfig(**old.augment) == AugmentConfig(**RECIPES["reference"][1])
 
 
 def test_cross_entropy_option_is_plain_mean_cross_entropy():

@@ -29,6 +29,7 @@ class TrainOptions:
     device: str | None = None  # auto|cpu|cuda|cuda:N (default auto)
     precision: str | None = None  # auto|fp32|bf16|fp16 (default auto)
     semi: dict | None = None  # segcore.semi.SemiConfig overrides (used with unlabelled images)
+    recipe: str | None = None  # a named recipe, segcore.models.templates.RECIPES (default "default")
 
 
 def train_step(
