@@ -7,13 +7,14 @@ Run by hand on an otherwise idle machine (about 25 minutes with OTX):
     ../shared/peer-otx/setup.sh /tmp/otx-venv /tmp/otx-camvid        # once, for the OTX rows
     python benchmarks/scaling.py --otx-venv /tmp/otx-venv --otx-data /tmp/otx-camvid
 
-Each segcore row is a real `segcore train` (data loading with 2 workers per process, the max-pooling
-loss, Adam, clipping; no MLflow) on the first --train-images CamVid training images at 512x512,
-global batch 8 (8 x 1 process or 4 x 2 processes), 2 epochs; the row's figures are epoch 2's
-`img_per_s` (all ranks together, data loading included) and the largest `peak_rss_mb` (the ranks'
-peak resident memory, summed). OTX's row is ../shared/peer-otx/throughput.sh: 42 iterations of batch
-8 at its 512x512 random-resized crops, fp32, img/s over iterations 3..42, peak RSS from GNU time
-(its largest process). Results are appended to benchmarks/results/scaling.jsonl.
+Each segcore row is a real `segcore train` (data loading with 2 workers per process, the
+augmentation and loss of --recipe, by default the default recipe; no MLflow) on the first
+--train-images CamVid training images at 512x512, global batch 8 (8 x 1 process or 4 x 2
+processes), 2 epochs; the row's figures are epoch 2's `img_per_s` (all ranks together, data loading
+included) and the largest `peak_rss_mb` (the ranks' peak resident memory, summed). OTX's row is
+../shared/peer-otx/throughput.sh: 42 iterations of batch 8 at its 512x512 random-resized crops,
+fp32, img/s over iterations 3..42, peak RSS from GNU time (its largest process). Results are
+appended to benchmarks/results/scaling.jsonl.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs:
     cmd = [sys.executable, "-m", "segcore.cli", "train", template, "--train-data-root", str(dataset),
            "--output", str(out), "--epochs", str(args.epochs), "--batch-size", str(args.global_batch // procs),
            "--input-size", args.input_size, "--precision", precision, "--device", "cpu",
-           "--num-workers", str(args.num_workers)]  # fmt: skip
+           "--num-workers", str(args.num_workers), "--recipe", args.recipe]  # fmt: skip
     if procs > 1:
         cmd += ["--nproc-per-node", str(procs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SEGCORE_TRACKING": "off", "CI": "true"}
@@ -69,7 +70,8 @@ def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "engine": "segcore", "template": template, "precision": precision, "layout": f"{procs}x{threads}",
+        "engine": "segcore", "template": template, "recipe": args.recipe, "precision": precision,
+        "layout": f"{procs}x{threads}",
         "img_per_s": round(records[-1]["img_per_s"], 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in records),
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--train-images", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--recipe", default="default", help="segcore train --recipe (before 2026-12-03: reference)")
     ap.add_argument("--work", default="/tmp/segcore-scaling")
     ap.add_argument("--otx-venv", help="OTX 2.6 virtualenv from ../shared/peer-otx/setup.sh (no OTX rows without)")
     ap.add_argument("--otx-data", help="the CamVid layout setup.sh wrote")

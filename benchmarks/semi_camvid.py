@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--labelled", type=int, default=46)
     ap.add_argument("--seed", type=int, default=0, help="draws the labelled images")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--recipe", default="default", help="segcore train --recipe (the results of 2026-12-02: reference)")
     ap.add_argument("--together", action="store_true", help="run both trainings at once, one thread each")
     ap.add_argument(
         "--reuse-supervised",
@@ -81,7 +82,7 @@ def main() -> int:
     sub, photos, ids = split(Path(args.data), work, args.labelled, args.seed)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
-            "--epochs", str(args.epochs), "--precision", args.precision, "--num-workers", "1",
+            "--epochs", str(args.epochs), "--precision", args.precision, "--recipe", args.recipe, "--num-workers", "1",
             "--tracking-uri", ""]  # fmt: skip
     runs = {
         "supervised": [],
