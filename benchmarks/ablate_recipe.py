@@ -7,9 +7,10 @@ Run by hand (each variant is a full training of --epochs epochs; they run one af
 
 Each variant is the reference recipe (OTX 1.x's, segcore's defaults before this ablation: the
 variant `seed`) with a few settings changed (see VARIANTS); `default` is today's defaults (the
-ablation's outcome, `otx_dice_exact`). `--resume RUN_DIR` continues one variant's interrupted
-run. Curves are appended to WORK/ablation.jsonl (one line per variant, with the command and the
-machine) and printed as a table at the end. Dice is segcore's protocol (masks at their own resolution).
+ablation's outcome, `otx_dice_exact`), and the `default_*` variants change those. `--resume
+RUN_DIR` continues one variant's interrupted run. Curves are appended to WORK/ablation.jsonl (one
+line per variant, with the command and the machine) and printed as a table at the end. Dice is
+segcore's protocol (masks at their own resolution).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ DEFAULT_DATA = HERE.parents[1] / "shared" / "datasets" / "camvid"
 OTX_AUG = {"crop_mode": "random_resized_crop", "rotate_p": 0.0, "mix_p": 0.0, "photometric_p": 0.5}
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),  # today's defaults (the outcome of this ablation: otx_dice_exact)
+    # the reference's augmentations put back, one at a time, into today's defaults ("default_*"
+    # variants start from the defaults, not from the reference)
+    "default_rot": ({}, {"rotate_p": 0.5}),
+    "default_mix": ({}, {"mix_p": 0.5}),
+    "default_mp": ({"loss": "max_pooling"}, {}),
     "seed": ({}, {}),  # the reference recipe, segcore's defaults until issue 20
     "ce": ({"loss": "cross_entropy"}, {}),
     "no_rot": ({}, {"rotate_p": 0.0}),
@@ -97,7 +103,7 @@ def run_one(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> No
     h, w = (int(v) for v in args.input_size.split("x"))
     config = TrainConfig.from_template(
         args.template,
-        recipe="default" if name == "default" else "reference",
+        recipe="default" if name.startswith("default") else "reference",
         epochs=args.epochs,
         batch_size=args.batch_size,
         input_size=(h, w),
