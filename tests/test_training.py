@@ -414,6 +414,14 @@ def test_named_recipes_start_from_the_defaults_and_take_overrides():
     assert ref.augment == {"crop_mode": "rescale_crop", "rotate_p": 0.5, "mix_p": 0.25, "photometric_p": 1.0}
     with pytest.raises(SegcoreError, match="unknown recipe 'otx1'"):
         TrainConfig.from_template("Lite-HRNet-s-mod2", recipe="otx1")
+    # the CLI's --recipe choices are written out (no torch import to build the parser): the same names
+    import argparse
+
+    from segcore.commands.train import _add_recipe_arguments
+
+    parser = argparse.ArgumentParser()
+    _add_recipe_arguments(parser)
+    assert next(a.choices for a in parser._actions if a.dest == "recipe") == tuple(RECIPES)
     # a bundle's config comes back as it was; one from before named recipes had the reference's
     meta = {"training_config": dataclasses.asdict(ref), "input_size": [512, 512]}
     assert TrainConfig.from_bundle(meta) == ref

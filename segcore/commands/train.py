@@ -122,7 +122,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (template default 42)")
     p.add_argument(
         "--recipe",
-        choices=("default", "reference"),
+        choices=("default", "reference"),  # segcore.models.templates.RECIPES (tested to match)
         help="default: what learned most per epoch on CamVid (OTX 2.6's crops, schedule and init, "
         "cross-entropy + soft Dice, no clipping); reference: OTX 1.x's documented recipe (rescale + crop, "
         "rotation, image mixing, max-pooling loss, clipping at 40, warm-up 80). See docs/training.md",
