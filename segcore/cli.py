@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from segcore import __version__
 from segcore.errors import SegcoreError
 
-COMMANDS = ("convert", "demo_data", "templates", "train", "evaluate", "export", "optimize")
+COMMANDS = ("convert", "demo_data", "templates", "train", "pretrain", "evaluate", "export", "optimize")
 # More commands come from installed packages through this entry-point group (the Kubeflow
 # pipeline's `segcore pipeline`, in pipelines/cli.py): the core never imports the adapters above it.
 PLUGIN_GROUP = "segcore.commands"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,13 +57,16 @@ def _first(keys: list[str], n: int = 5) -> str:
 def load_backbone_weights(model: nn.Module, path: str | Path) -> int:
     """Load backbone weights from ``path`` into ``model.backbone``; return the tensor count.
 
-    Accepts checkpoints of the same architecture in segcore, OTX 1.x (mmseg) or OTX 2.x naming:
-    a bare state dict or one wrapped in ``state_dict``/``model``, keys with or without a
+    ``path`` may also be the folder ``segcore pretrain`` wrote. Accepts checkpoints of the same
+    architecture in segcore, OTX 1.x (mmseg) or OTX 2.x naming: a bare state dict or one wrapped
+    in ``state_dict``/``model``, keys with or without a
     ``backbone.`` (or ``module.``, ``model.model.backbone.``) prefix. Classification-only parts
     of ImageNet checkpoints are skipped. Anything else that does not match raises a
     ``SegcoreError`` naming the file and the first offending keys.
     """
     path = Path(path)
+    if path.is_dir() and (path / "pretrain.json").is_file():  # a `segcore pretrain` output folder
+        path = path / json.loads((path / "pretrain.json").read_text()).get("weights", "backbone.pt")
     backbone = getattr(model, "backbone", model)
     if not path.is_file():
         raise SegcoreError("weights file not found", path)
@@ -122,8 +126,6 @@ def load_bundle_weights(
     classifier's rows matched to ``labels`` by class name (new classes keep their fresh
     initialisation; old classes the new data lacks are refused unless ``allow_dropped``).
     Returns what happened: {"bundle", "kept", "added", "dropped"}."""
-    import json
-
     bundle = Path(bundle)
     meta = json.loads((bundle / "model.json").read_text())
     if meta.get("template") != template_id:
