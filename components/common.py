@@ -66,3 +66,18 @@ def read_json(path: str | Path) -> dict:
     import json
 
     return json.loads(Path(path).read_text())
+
+
+def pretrained_weights(path: str, metadata: dict, load_weights_uri: str, distributed: bool) -> str:
+    """Where the train step finds the pretrain step's weights: its Model folder, or for a distributed
+    training (nodes that do not see this pod's files) the checkpoint_uri prefix it wrote to."""
+    from segcore.errors import SegcoreError
+
+    if load_weights_uri:
+        raise SegcoreError("load_weights_uri and a pretraining (pretrain_data_uri) both give initial weights: give one")
+    uri = metadata.get("uri", "")
+    if not distributed:
+        return path
+    if not uri or uri == path:
+        raise SegcoreError("a distributed training starts from a pretraining only through checkpoint_uri")
+    return uri

@@ -49,11 +49,13 @@ def train(
     image: str = "",
     s3_secret: str = "segcore-s3",
     mlflow_secret: str = "segcore-mlflow",
+    pretrained: Input[Model] = None,
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
     More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
     unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher).
-    load_weights_uri: backbone weights (.pth) or a trained bundle (class-incremental)."""
+    load_weights_uri: backbone weights (.pth) or a trained bundle (class-incremental).
+    pretrained: the pretrain step's Model; used when it holds weights (then load_weights_uri must be "")."""
     from components import common
     from components.trainjob import Distribution, train_distributed
     from segcore import storage
@@ -66,7 +68,11 @@ def train(
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
     if unlabeled_data_uri:
         key["unlabeled"] = unlabeled_data_uri
-    if load_weights_uri:
+    if pretrained is not None and pretrained.metadata.get("pretrained"):
+        key["pretrained"] = [pretrained.metadata.get("uri"), pretrained.metadata.get("final_loss")]
+        load_weights_uri = common.pretrained_weights(pretrained.path, pretrained.metadata, load_weights_uri,
+                                                     train_nodes * train_procs_per_node > 1)  # fmt: skip
+    elif load_weights_uri:
         key.update(load_weights=load_weights_uri, allow_dropped_classes=allow_dropped_classes)
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     dist = Distribution(

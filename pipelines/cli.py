@@ -53,6 +53,8 @@ PARAMS = {
     "unlabeled_data_root": "unlabeled_data_uri",
     "load_weights": "load_weights_uri",
     "allow_dropped_classes": "allow_dropped_classes",
+    "pretrain_data_root": "pretrain_data_uri",
+    "pretrain_epochs": "pretrain_epochs",
     "s3_endpoint": "s3_endpoint",
     "tracking_uri": "mlflow_tracking_uri",
     "mlflow_experiment": "mlflow_experiment",
@@ -257,6 +259,12 @@ def _add_start_params(g) -> None:
         default=None,
         help="with a bundle in --load-weights: let the model forget classes the data lacks",
     )
+    g.add_argument(
+        "--pretrain-data-root",
+        metavar="URI",
+        help="a folder of unlabelled images: pretrain the backbone on them (self-supervised) and train from it",
+    )
+    g.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default 10)")
 
 
 def pipeline_params(args: argparse.Namespace) -> dict:

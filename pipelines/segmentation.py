@@ -1,8 +1,10 @@
 """The segcore Kubeflow pipeline: one DAG for a cluster and for a dry run on a laptop.
 
-    convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8)
+    convert -> [pretrain ->] train -> validate (FP32) -> export -> quantize -> validate (INT8)
 
 - convert: raw data -> Dataset; starts the MLflow parent run (its id goes to every other step)
+- pretrain: unlabelled images -> pretrained backbone (Model), self-supervised; it works only when
+  ``pretrain_data_uri`` is given (and otherwise hands on an empty Model that train ignores)
 - train: Dataset -> Model (bundle) + Metrics; retried, and a retry resumes from the checkpoints
   kept under ``checkpoint_uri`` (S3); optional GPU (``train_accelerator``, off by default)
 - validate (FP32): bundle + Dataset -> Metrics, ClassificationMetrics, HTML; ``min_dice`` gates export
@@ -38,12 +40,13 @@ PIPELINE_DESCRIPTION = (
 RESOURCES = {
     "convert": ("1", "2Gi"),
     "train": ("4", "8Gi"),
+    "pretrain": ("4", "8Gi"),
     "launch": ("1", "2Gi"),  # a distributed train step: creates the TrainJob, waits, moves files
     "validate": ("2", "4Gi"),
     "export": ("1", "4Gi"),
     "quantize": ("2", "8Gi"),
 }
-TASKS = ("convert", "train", "validate", "export", "quantize", "validate-2")
+TASKS = ("convert", "pretrain", "train", "validate", "export", "quantize", "validate-2")
 
 
 class PipelineOutputs(NamedTuple):
@@ -87,11 +90,10 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
     """The pipeline (a kfp GraphComponent) with every step in ``options.image``."""
     from kfp import dsl
 
-    from components import convert, export, quantize, train, validate
+    from components import convert, export, pretrain, quantize, train, validate
 
-    ops = {
-        m.__name__.rsplit(".", 1)[1]: m.component(options.image) for m in (convert, train, validate, export, quantize)
-    }
+    steps = (convert, pretrain, train, validate, export, quantize)
+    ops = {m.__name__.rsplit(".", 1)[1]: m.component(options.image) for m in steps}
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
     def segcore_pipeline(
@@ -117,6 +119,8 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         unlabeled_data_uri: str = "",
         load_weights_uri: str = "",
         allow_dropped_classes: bool = False,
+        pretrain_data_uri: str = "",
+        pretrain_epochs: int = 0,
         s3_endpoint: str = "",
         tracking: bool = True,
         mlflow_tracking_uri: str = "",
@@ -150,6 +154,9 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             load_weights_uri: initial weights: backbone weights (.pth) or a trained bundle of the same template,
                 whose classes are matched to the data's by name (class-incremental) ("" = from scratch).
             allow_dropped_classes: with a bundle in load_weights_uri, let the model forget classes the data lacks.
+            pretrain_data_uri: a folder of unlabelled images (s3:// or a path the pods see): pretrain the backbone on
+                them (self-supervised, DetCon) and train from it ("" = no pretraining; not with load_weights_uri).
+            pretrain_epochs: pretraining epochs (0 = 10).
             s3_endpoint: S3-compatible endpoint URL, e.g. http://minio:9000 ("" = AWS_ENDPOINT_URL / AWS).
             tracking: log every step to MLflow.
             mlflow_tracking_uri: MLflow server ("" = MLFLOW_TRACKING_URI from the MLflow secret).
@@ -174,6 +181,8 @@ def _configure(task, options: Options, step: str, name: str):
 
 def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
     """The tasks of one pipeline run, wired from the run parameters ``p`` (kfp channels)."""
+    from kfp import kubernetes
+
     mlflow = {k: p[k] for k in ("tracking", "mlflow_tracking_uri", "mlflow_experiment")}
     data_keys = ("train_data_uri", "val_data_uri", "train_ann_uri", "val_ann_uri", "data_format", "val_ratio")
     data = _configure(
@@ -182,7 +191,11 @@ def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
     )  # fmt: skip
     mlflow["mlflow_parent_run_id"] = data.outputs["mlflow_parent_run_id"]
     dataset = data.outputs["dataset"]
-    trained = _train_task(ops, options, p, dataset, mlflow)
+    keys = ("template", "pretrain_data_uri", "pretrain_epochs", "num_workers", "checkpoint_uri", "s3_endpoint")
+    pretrained = _configure(ops["pretrain"](**{k: p[k] for k in keys}, **mlflow), options, "pretrain", "pretrain")
+    kubernetes.empty_dir_mount(pretrained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
+    pretrained.set_retry(options.train_retries, backoff_duration="60s", backoff_factor=2.0)
+    trained = _train_task(ops, options, p, dataset, mlflow, pretrained.outputs["pretrained"])
     model = trained.outputs["model"]
     checked = _configure(
         ops["validate"](model=model, dataset=dataset, label="fp32", min_dice=p["min_dice"], **mlflow),
@@ -202,17 +215,21 @@ def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
     )
 
 
-def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict):
+def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict, pretrained):
     from kfp import kubernetes
 
     keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri",
             "unlabeled_data_uri", "load_weights_uri", "allow_dropped_classes", "s3_endpoint")  # fmt: skip
     if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
-        task = ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow, **_distribution(options))
+        task = ops["train"](dataset=dataset, pretrained=pretrained, **{k: p[k] for k in keys}, **mlflow,
+                            **_distribution(options))  # fmt: skip
         trained = _configure(task, options, "launch", "train (TrainJob)")
     else:
         trained = _configure(
-            ops["train"](dataset=dataset, **{k: p[k] for k in keys}, **mlflow), options, "train", "train"
+            ops["train"](dataset=dataset, pretrained=pretrained, **{k: p[k] for k in keys}, **mlflow),
+            options,
+            "train",
+            "train",
         )
         kubernetes.empty_dir_mount(trained, "dshm", "/dev/shm", medium="Memory")  # data loader workers
         if options.train_accelerator:

@@ -19,11 +19,12 @@ import yaml
 from kfp import dsl
 
 from segcore.cli import main
+from segcore.errors import SegcoreError
 
 IMAGE = "registry.example.com/segcore:test"
 TEMPLATE = "Lite-HRNet-s-mod2"
 GOLDEN = Path(__file__).parent / "golden" / "pipeline_structure.json"
-TASKS = {"convert", "train", "validate", "export", "quantize", "validate-2"}
+TASKS = {"convert", "pretrain", "train", "validate", "export", "quantize", "validate-2"}
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYDONOTLEAK",
     "AWS_SECRET_ACCESS_KEY": "fake-secret-do-not-leak-8c1f",
@@ -82,13 +83,14 @@ def structure(spec: dict) -> dict:
     }
 
 
-def test_compiled_dag_has_the_six_steps_their_edges_and_typed_artifacts(compiled):
+def test_compiled_dag_has_the_seven_steps_their_edges_and_typed_artifacts(compiled):
     dag = compiled.spec["root"]["dag"]["tasks"]
     assert set(dag) == TASKS
     deps = {name: set(task.get("dependentTasks", [])) for name, task in dag.items()}
     # conversion -> training -> validation -> export -> quantization -> validation of the INT8 model
     assert deps["convert"] == set()
-    assert "convert" in deps["train"]
+    assert "convert" in deps["pretrain"]  # for the MLflow parent run; it needs no dataset
+    assert {"convert", "pretrain"} <= deps["train"]
     assert {"train", "convert"} <= deps["validate"]
     assert {"validate", "train"} <= deps["export"]  # export waits for the FP32 validation (its gate)
     assert "export" in deps["quantize"]
@@ -99,6 +101,7 @@ def test_compiled_dag_has_the_six_steps_their_edges_and_typed_artifacts(compiled
         return f"{art['producerTask']}.{art['outputArtifactKey']}"
 
     assert source("train", "dataset") == "convert.dataset"
+    assert source("train", "pretrained") == "pretrain.pretrained"
     assert source("validate", "model") == "train.model"
     assert source("export", "model") == "train.model"
     assert source("quantize", "ir") == "export.ir"
@@ -123,7 +126,7 @@ def test_compiled_dag_has_the_six_steps_their_edges_and_typed_artifacts(compiled
 
 def test_every_step_runs_the_image_with_resources_and_train_retries(compiled):
     executors = compiled.spec["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 7
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == IMAGE, name
@@ -134,9 +137,10 @@ def test_every_step_runs_the_image_with_resources_and_train_retries(compiled):
         assert "accelerator" not in resources, name  # no GPU unless asked for
     assert executors["exec-train"]["container"]["resources"]["resourceCpuRequest"] == "4"
     dag = compiled.spec["root"]["dag"]["tasks"]
-    retry = dag["train"]["retryPolicy"]
-    assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
-    assert all("retryPolicy" not in task for name, task in dag.items() if name != "train")
+    for name in ("pretrain", "train"):
+        retry = dag[name]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
+    assert all("retryPolicy" not in task for name, task in dag.items() if name not in ("pretrain", "train"))
     assert all(task["cachingOptions"]["enableCache"] for task in dag.values())
     # a retried training resumes: the component trains through train_resumable (always resuming,
     # from the checkpoint prefix; see test_retried_training_resumes_from_s3_checkpoints)
@@ -536,3 +540,32 @@ def test_submit_to_an_unreachable_host_is_a_one_line_error(capsys):
     assert code == 2
     assert len(err.splitlines()) == 1
     assert err.startswith("segcore pipeline: error: Kubeflow Pipelines at http://127.0.0.1:") and "unreachable" in err
+
+
+def test_pretrain_component_feeds_the_training(steps, raw, tmp_path, caplog):
+    """The pretrain step skips without images (an empty Model the training ignores) and otherwise
+    pretrains; the train step then starts from its backbone, and refuses a second source of weights."""
+    from components.pretrain import pretrain_op
+    from components.train import train_op
+
+    skipped = _artifact(dsl.Model, tmp_path / "none")
+    pretrain_op.python_func(template=TEMPLATE, pretrained=skipped, tracking=False)
+    assert skipped.metadata == {"pretrained": False}
+
+    pretrained = _artifact(dsl.Model, tmp_path / "pretrained")
+    pretrain_op.python_func(template=TEMPLATE, pretrained=pretrained, pretrain_data_uri=str(raw / "images"),
+                            pretrain_epochs=1, pretrain_batch_size=4, pretrain_input_size="64x64", num_workers=0,
+                            tracking=False)  # fmt: skip
+    assert pretrained.metadata["pretrained"] and (Path(pretrained.path) / "backbone.pt").is_file()
+
+    kwargs = dict(template=TEMPLATE, dataset=steps.dataset, epochs=1, batch_size=4, input_size="32x32", num_workers=0)
+    caplog.set_level("INFO")
+    for name, given in (("plain", skipped), ("fine", pretrained)):
+        model, metrics = _artifact(dsl.Model, tmp_path / name), _artifact(dsl.Metrics, tmp_path / f"{name}-m")
+        train_op.python_func(model=model, metrics=metrics, pretrained=given, tracking=False, **kwargs)
+        assert (Path(model.path) / "model.json").is_file()
+        assert ("backbone tensors from" in caplog.text) == (name == "fine")
+    with pytest.raises(SegcoreError, match="both give initial weights"):
+        train_op.python_func(model=_artifact(dsl.Model, tmp_path / "x"), metrics=_artifact(dsl.Metrics, tmp_path / "y"),
+                             pretrained=pretrained, load_weights_uri=str(tmp_path / "fine"), tracking=False,
+                             **kwargs)  # fmt: skip
