@@ -68,16 +68,22 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def pretrained_weights(path: str, metadata: dict, load_weights_uri: str, distributed: bool) -> str:
-    """Where the train step finds the pretrain step's weights: its Model folder, or for a distributed
-    training (nodes that do not see this pod's files) the checkpoint_uri prefix it wrote to."""
+def start_weights(key: dict, pretrained, load_weights_uri: str, allow_dropped: bool, distributed: bool) -> str:
+    """The train step's initial weights (``load_weights_uri``, or the pretrain step's Model when it
+    holds weights), added to its checkpoint ``key``. A distributed training's nodes do not see this
+    pod's files: they read a pretraining from the checkpoint_uri prefix it wrote to."""
     from segcore.errors import SegcoreError
 
+    if pretrained is None or not pretrained.metadata.get("pretrained"):
+        if load_weights_uri:
+            key.update(load_weights=load_weights_uri, allow_dropped_classes=allow_dropped)
+        return load_weights_uri
     if load_weights_uri:
         raise SegcoreError("load_weights_uri and a pretraining (pretrain_data_uri) both give initial weights: give one")
-    uri = metadata.get("uri", "")
+    uri = pretrained.metadata.get("uri", "")
+    key["pretrained"] = [uri, pretrained.metadata.get("final_loss")]
     if not distributed:
-        return path
-    if not uri or uri == path:
+        return pretrained.path
+    if not uri or uri == pretrained.path:
         raise SegcoreError("a distributed training starts from a pretraining only through checkpoint_uri")
     return uri

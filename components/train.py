@@ -53,9 +53,8 @@ def train(
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
     More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
-    unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher).
-    load_weights_uri: backbone weights (.pth) or a trained bundle (class-incremental).
-    pretrained: the pretrain step's Model; used when it holds weights (then load_weights_uri must be "")."""
+    unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher). load_weights_uri: backbone
+    weights (.pth) or a trained bundle (class-incremental); or pretrained: the pretrain step's Model, if it has any."""
     from components import common
     from components.trainjob import Distribution, train_distributed
     from segcore import storage
@@ -68,12 +67,9 @@ def train(
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
     if unlabeled_data_uri:
         key["unlabeled"] = unlabeled_data_uri
-    if pretrained is not None and pretrained.metadata.get("pretrained"):
-        key["pretrained"] = [pretrained.metadata.get("uri"), pretrained.metadata.get("final_loss")]
-        load_weights_uri = common.pretrained_weights(pretrained.path, pretrained.metadata, load_weights_uri,
-                                                     train_nodes * train_procs_per_node > 1)  # fmt: skip
-    elif load_weights_uri:
-        key.update(load_weights=load_weights_uri, allow_dropped_classes=allow_dropped_classes)
+    load_weights_uri = common.start_weights(
+        key, pretrained, load_weights_uri, allow_dropped_classes, train_nodes * train_procs_per_node > 1
+    )
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     dist = Distribution(
         train_nodes, train_procs_per_node, trainer_runtime, train_node_cpu, train_node_memory, train_gpu_type,

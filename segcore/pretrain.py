@@ -334,9 +334,7 @@ def pretrain(
 ) -> dict:
     """Pretrain ``config.template``'s backbone on the images ``files``; return the metadata
     written to ``output/pretrain.json``. A finished folder with ``resume`` is returned as it is."""
-    from tqdm import tqdm
-
-    from segcore.models import create_model, get_template, init_weights
+    from segcore.models import get_template
     from segcore.training import seed_everything
 
     output = Path(output)
@@ -350,22 +348,7 @@ def pretrain(
     seed_everything(config.seed)
     device = devices.resolve_device(config.device)
     precision = devices.resolve_precision(config.precision, device)
-    backbone = init_weights(create_model(template, 2), "otx").backbone
-    model = DetCon(
-        backbone, config.projector_hidden, config.projector_dim, feature_channels(backbone, config.input_size)
-    )
-    model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.lr)
-    start, step, records = 1, 0, []
-    if resume and (output / LAST).exists():
-        saved = torch.load(output / LAST, map_location="cpu", weights_only=True)
-        if _settings(saved["config"]) != _settings(_jsonable(config)):
-            raise SegcoreError("was started with other settings; resume it with the same ones", output / LAST)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start, step, records = saved["epoch"] + 1, saved["step"], [json.loads(r) for r in saved["records"]]
-        log.info("resuming the pretraining after epoch %d", saved["epoch"])
+    model, optimizer, start, step, records = _setup(config, template, output, resume, device)
     log.info(
         "pretraining %s (DetCon) on %s in %s: %d images, views %dx%d, batch %d, %d epochs",
         template.name, device, precision, len(files), *config.input_size, config.batch_size, config.epochs,
@@ -375,38 +358,10 @@ def pretrain(
     log.info("segments of %d images in %.0f s", len(files), time.perf_counter() - t0)
     data = PretrainViews(files, segments, config)
     sampler = EpochBatches(len(data), config.batch_size, config.seed)
-    loader = DataLoader(
-        data,
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
     for epoch in range(start, config.epochs + 1):
         sampler.set_epoch(epoch)
-        model.train()
-        began, losses, accuracies = time.perf_counter(), [], []
-        for batch in tqdm(loader, desc=f"pretrain {epoch}/{config.epochs}", disable=not progress, leave=False):
-            lr = _lr_at(config, step, len(sampler))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, accuracy = _step(model, batch, config, device, precision)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.update_target(config.target_momentum)
-            step += 1
-            losses.append(float(loss.detach()))
-            accuracies.append(float(accuracy))
-        seconds = time.perf_counter() - began
-        record = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "match_accuracy": float(np.mean(accuracies)),
-            "lr": lr,
-            "img_per_s": len(sampler) * config.batch_size / seconds,
-            "epoch_seconds": seconds,
-        }
+        record, step = _epoch(model, optimizer, loader, config, epoch, step, (device, precision), progress)
         records.append(record)
         _save_atomic(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
@@ -421,6 +376,57 @@ def pretrain(
         if on_epoch:
             on_epoch(record)
     return _finish(config, template, model, output, len(files), device, precision, records)
+
+
+def _setup(config: PretrainConfig, template, output: Path, resume: bool, device):
+    """The networks and the optimizer, fresh or from ``output/last.pt``: (model, optimizer, first
+    epoch, optimizer steps so far, the finished epochs' records)."""
+    from segcore.models import create_model, init_weights
+
+    backbone = init_weights(create_model(template, 2), "otx").backbone
+    channels = feature_channels(backbone, config.input_size)
+    model = DetCon(backbone, config.projector_hidden, config.projector_dim, channels).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    if not (resume and (output / LAST).exists()):
+        return model, optimizer, 1, 0, []
+    saved = torch.load(output / LAST, map_location="cpu", weights_only=True)
+    if _settings(saved["config"]) != _settings(_jsonable(config)):
+        raise SegcoreError("was started with other settings; resume it with the same ones", output / LAST)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    log.info("resuming the pretraining after epoch %d", saved["epoch"])
+    return model, optimizer, saved["epoch"] + 1, saved["step"], [json.loads(r) for r in saved["records"]]
+
+
+def _epoch(model: DetCon, optimizer, loader, config: PretrainConfig, epoch: int, step: int, where, progress: bool):
+    """One pass over the images: (the epoch's record, optimizer steps so far)."""
+    from tqdm import tqdm
+
+    device, precision = where
+    model.train()
+    began, losses, accuracies, lr = time.perf_counter(), [], [], config.lr
+    for batch in tqdm(loader, desc=f"pretrain {epoch}/{config.epochs}", disable=not progress, leave=False):
+        lr = _lr_at(config, step, len(loader))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, accuracy = _step(model, batch, config, device, precision)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_target(config.target_momentum)
+        step += 1
+        losses.append(float(loss.detach()))
+        accuracies.append(float(accuracy))
+    seconds = time.perf_counter() - began
+    record = {
+        "epoch": epoch,
+        "loss": float(np.mean(losses)),
+        "match_accuracy": float(np.mean(accuracies)),
+        "lr": lr,
+        "img_per_s": len(loader) * config.batch_size / seconds,
+        "epoch_seconds": seconds,
+    }
+    return record, step
 
 
 def _write_lines(records: list[dict], path: Path) -> None:
