@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segcore import __version__, devices
-from segcore.data.transforms import normalize, photometric, random_resized_crop
+from segcore.data.transforms import grayscale, normalize, photometric, random_resized_crop
 from segcore.errors import SegcoreError
 
 __all__ = ["BACKBONE", "PRETRAIN_META", "DetCon", "PretrainConfig", "detcon_loss", "pool_masks", "pretrain"]
@@ -120,8 +120,7 @@ def _view(image: np.ndarray, segments: np.ndarray, config: PretrainConfig, rng, 
     if rng.random() < 0.8:
         crop = photometric(crop, rng)
     if rng.random() < 0.2:
-        gray = (crop.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).clip(0, 255).astype(np.uint8)
-        crop = np.repeat(gray[..., None], 3, axis=2)
+        crop = grayscale(crop)
     if rng.random() < blur_p:
         sigma = rng.uniform(0.1, 2.0)
         crop = cv2.GaussianBlur(crop, (0, 0), sigmaX=sigma, sigmaY=sigma)

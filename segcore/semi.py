@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segcore import parallel
-from segcore.data.transforms import MEAN, AugmentConfig, TrainTransform, normalize, pad_to, photometric
+from segcore.data.transforms import MEAN, AugmentConfig, TrainTransform, grayscale, normalize, pad_to, photometric
 from segcore.devices import at_least_fp32
 from segcore.errors import DataError
 
@@ -99,8 +99,7 @@ def strong_view(image: np.ndarray, config: SemiConfig, rng: np.random.Generator)
     if rng.random() < config.strong_photometric_p:
         out = photometric(out, rng)
     if rng.random() < config.strong_grayscale_p:
-        gray = (out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).clip(0, 255)
-        out = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+        out = grayscale(out)
     if rng.random() < config.cutout_p:
         out = out.copy()
         h, w = out.shape[:2]

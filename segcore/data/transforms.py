@@ -155,6 +155,12 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def grayscale(image: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601 weights) in all three channels, uint8."""
+    gray = (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).clip(0, 255)
+    return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+
+
 def mixing_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Binary mask from Gaussian noise smoothed with sigma = exp(log10(U(4, 16))), cut at its median."""
     noise = rng.standard_normal(shape).astype(np.float32)

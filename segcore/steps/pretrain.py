@@ -46,7 +46,7 @@ def pretrain_step(
     from segcore.models import get_template
     from segcore.pretrain import LAST, PRETRAIN_META, PretrainConfig, pretrain
     from segcore.semi import list_unlabeled
-    from segcore.steps.train import _uploader
+    from segcore.steps.train import _uploader, check_output
     from segcore.tracking import check_tracking, tracking_run
 
     if parallel.env_world().distributed:
@@ -54,7 +54,7 @@ def pretrain_step(
     t = get_template(template)
     config = PretrainConfig(template=t.id, **{k: v for k, v in asdict(options).items() if v is not None})
     devices.resolve_device(config.device)  # CUDA asked for and missing: refused now
-    _check_output(output, resume, LAST, PRETRAIN_META)
+    check_output(output, resume, PRETRAIN_META, LAST, what="pretraining")
     check_tracking(tracking)
     files = list_unlabeled(storage.local_input(images) if storage.is_s3(images) else Path(images))
     if len(files) < config.batch_size:
@@ -97,24 +97,3 @@ def pretrain_params(template, config, images: str, output: str, count: int) -> d
         params[key] = f"{value[0]}x{value[1]}" if key == "input_size" else value
     params.update(images=redact(images), image_count=count, output=redact(output), segcore_version=__version__)
     return params
-
-
-def _check_output(output: str, resume: bool, last: str, meta: str) -> None:
-    """The same refusals for a local folder and an S3 prefix, before any download or work."""
-    from segcore import storage
-
-    if storage.is_s3(output):
-        uri = storage.check_bucket(output)
-        if resume:
-            return
-        finished, unfinished = storage.exists(uri.child(meta)), storage.exists(uri.child(last))
-    else:
-        if resume:
-            return
-        finished, unfinished = (Path(output) / meta).exists(), (Path(output) / last).exists()
-    if finished:
-        raise SegcoreError("holds a finished pretraining; choose a new --output", output)
-    if unfinished:
-        raise SegcoreError(
-            "holds an unfinished pretraining; pass --resume to continue it or choose a new --output", output
-        )

@@ -94,7 +94,7 @@ def _train_main(t, config, source: DataSource, output: str, resume, load_weights
 
         def prepare() -> dict:
             resolved_hardware(config)
-            _check_output(output, resume)
+            check_output(output, resume)
             check_tracking(tracking)
             unlabeled_files = _unlabeled_files(unlabeled)
             local = source.localized()
@@ -256,26 +256,29 @@ def checkpoint_prefix(checkpoint_uri: str, dataset_hash: str, template: str, set
     return f"{checkpoint_uri.rstrip('/')}/train-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _check_output(output: str, resume: bool) -> None:
-    """The same refusals for a local folder and an S3 prefix, before any download or training."""
+def check_output(
+    output: str, resume: bool, finished_file: str = "", last_file: str = "", what: str = "training"
+) -> None:
+    """The same refusals for a local folder and an S3 prefix, before any download or work: a
+    folder that holds ``finished_file`` (default the bundle's model.json) or ``last_file`` (default
+    last.pt) is refused unless ``resume``."""
     from segcore import storage
     from segcore.training import BUNDLE_META, LAST
 
+    finished_file, last_file = finished_file or BUNDLE_META, last_file or LAST
     if resume:
         if storage.is_s3(output):
             storage.check_bucket(output)
         return
     if storage.is_s3(output):
         uri = storage.check_bucket(output)
-        finished, unfinished = storage.exists(uri.child(BUNDLE_META)), storage.exists(uri.child(LAST))
+        finished, unfinished = storage.exists(uri.child(finished_file)), storage.exists(uri.child(last_file))
     else:
-        finished, unfinished = (Path(output) / BUNDLE_META).exists(), (Path(output) / LAST).exists()
+        finished, unfinished = (Path(output) / finished_file).exists(), (Path(output) / last_file).exists()
     if finished:
-        raise SegcoreError("holds a finished training; choose a new --output", output)
+        raise SegcoreError(f"holds a finished {what}; choose a new --output", output)
     if unfinished:
-        raise SegcoreError(
-            "holds an unfinished training; pass --resume to continue it or choose a new --output", output
-        )
+        raise SegcoreError(f"holds an unfinished {what}; pass --resume to continue it or choose a new --output", output)
 
 
 def _prepare_or_clean(source: DataSource, output: Path) -> Path:
