@@ -43,6 +43,9 @@ class SemiConfig:
     """The semi-supervised settings (saved in the bundle's training_config as ``semi``)."""
 
     unlabeled_weight: float = 0.1
+    # > 0: the weight rises as Mean Teacher's sigmoid ramp-up, exp(-5 (1 - t)^2), t = (epoch - start) /
+    # rampup_epochs, from the unlabelled start epoch until full weight; 0: full weight at once (OTX)
+    unlabeled_rampup_epochs: int = 0
     unlabeled_batch_size: int = 5  # per process, beside the labelled batch
     teacher_decay: float = 0.99
     pseudo_ignore_start: float = 0.2
@@ -53,6 +56,14 @@ class SemiConfig:
     cutout_p: float = 0.35
     cutout_holes: tuple[int, int] = (1, 8)
     cutout_size: tuple[float, float] = (0.2, 0.4)  # of the crop's height and width
+
+
+def unlabeled_weight(config: SemiConfig, epoch: int) -> float:
+    """The unsupervised loss's weight in ``epoch`` (after the ramp-up: ``unlabeled_weight``)."""
+    if config.unlabeled_rampup_epochs <= 0:
+        return config.unlabeled_weight
+    t = min(1.0, max(0.0, (epoch - config.unlabeled_start_epoch + 1) / config.unlabeled_rampup_epochs))
+    return config.unlabeled_weight * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def ignore_share(config: SemiConfig, epoch: int) -> float:

@@ -656,7 +656,7 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     """The labelled loss plus the weighted unsupervised loss of one step. The student sees the
     labelled images and the strong views in one forward pass (one batch-norm batch, one DDP call);
     the teacher labels the weak views."""
-    from segcore.semi import IGNORE, ignore_share, pseudo_labels, unsupervised_loss
+    from segcore.semi import IGNORE, ignore_share, pseudo_labels, unlabeled_weight, unsupervised_loss
 
     weak, strong, valid = (t.to(state.device, non_blocking=True) for t in extra)
     weak, strong = weak.to(dtype), strong.to(dtype)
@@ -671,7 +671,7 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     unsup["loss"] += float(unsupervised.detach())
     unsup["used"] += float((labels != IGNORE).float().mean())
     unsup["steps"] += 1
-    return supervised + state.semi.unlabeled_weight * unsupervised
+    return supervised + unlabeled_weight(state.semi, epoch) * unsupervised
 
 
 def _run_epoch(config, state: _State, criterion, loader, val_set, manifest, epoch, progress) -> tuple[dict, bool]:

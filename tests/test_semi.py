@@ -28,6 +28,7 @@ from segcore.semi import (
     ignore_share,
     list_unlabeled,
     pseudo_labels,
+    unlabeled_weight,
     unsupervised_loss,
 )
 from segcore.training import WeightAverage
@@ -111,6 +112,16 @@ def test_ignore_share_falls_linearly_to_zero():
     assert ignore_share(config, 51) == pytest.approx(0.1)
     assert ignore_share(config, 101) == 0.0 and ignore_share(config, 300) == 0.0
     assert ignore_share(replace(config, pseudo_ignore_epochs=0), 1) == 0.0
+
+
+def test_unlabeled_weight_ramps_up_as_mean_teacher_from_the_start_epoch():
+    config = SemiConfig(unlabeled_weight=1.0, unlabeled_start_epoch=2, unlabeled_rampup_epochs=10)
+    assert unlabeled_weight(config, 2) == pytest.approx(math.exp(-5 * 0.9**2))
+    assert unlabeled_weight(config, 6) == pytest.approx(math.exp(-5 * 0.5**2))
+    assert unlabeled_weight(config, 11) == 1.0 and unlabeled_weight(config, 40) == 1.0
+    weights = [unlabeled_weight(config, e) for e in range(2, 12)]
+    assert weights == sorted(weights)
+    assert unlabeled_weight(replace(config, unlabeled_rampup_epochs=0), 2) == 1.0  # the default: at once
 
 
 def test_unsupervised_loss_is_normalised_by_all_pixels():
@@ -221,6 +232,8 @@ def test_semi_options_without_unlabelled_data_are_refused(tmp_path, capsys):
     labelled, _ = _data(tmp_path)
     argv = ["train", "Lite-HRNet-s-mod2", "--train-data-root", str(labelled.root), "--output", str(tmp_path / "o")]
     assert main([*argv, "--unlabeled-weight", "0.5"]) == 2
+    assert "need --unlabeled-data-root" in capsys.readouterr().err
+    assert main([*argv, "--unlabeled-rampup", "5"]) == 2
     assert "need --unlabeled-data-root" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-data-root", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

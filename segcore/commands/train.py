@@ -89,6 +89,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--unlabeled-weight", type=float, metavar="W", help="weight of the unsupervised loss (default 0.1)")
     p.add_argument(
+        "--unlabeled-rampup",
+        type=int,
+        metavar="EPOCHS",
+        help="raise the unsupervised weight over EPOCHS epochs (Mean Teacher's sigmoid ramp-up; default 0: at once)",
+    )
+    p.add_argument(
         "--unlabeled-batch-size",
         type=int,
         metavar="N",
@@ -184,12 +190,18 @@ def _semi_overrides(args: argparse.Namespace) -> dict | None:
         if args.unlabeled_weight <= 0:
             raise SegcoreError(f"--unlabeled-weight {args.unlabeled_weight}: give a positive weight")
         semi["unlabeled_weight"] = args.unlabeled_weight
+    if args.unlabeled_rampup is not None:
+        if args.unlabeled_rampup < 0:
+            raise SegcoreError(f"--unlabeled-rampup {args.unlabeled_rampup}: give 0 or more epochs")
+        semi["unlabeled_rampup_epochs"] = args.unlabeled_rampup
     if args.unlabeled_batch_size is not None:
         if args.unlabeled_batch_size < 1:
             raise SegcoreError(f"--unlabeled-batch-size {args.unlabeled_batch_size}: give at least 1")
         semi["unlabeled_batch_size"] = args.unlabeled_batch_size
     if semi and not args.unlabeled_data_root:
-        raise SegcoreError("--unlabeled-weight and --unlabeled-batch-size need --unlabeled-data-root")
+        raise SegcoreError(
+            "--unlabeled-weight, --unlabeled-rampup and --unlabeled-batch-size need --unlabeled-data-root"
+        )
     return semi or None
 
 
