@@ -68,22 +68,25 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def start_weights(key: dict, pretrained, load_weights_uri: str, allow_dropped: bool, distributed: bool) -> str:
-    """The train step's initial weights (``load_weights_uri``, or the pretrain step's Model when it
-    holds weights), added to its checkpoint ``key``. A distributed training's nodes do not see this
-    pod's files: they read a pretraining from the checkpoint_uri prefix it wrote to."""
+def start_weights(key: dict, model, load_weights_uri: str, allow_dropped: bool, distributed: bool) -> str:
+    """The train step's initial weights, added to its checkpoint ``key``: ``load_weights_uri``, or
+    the ``model`` input: a pretrain step's Model (backbone weights; an empty one, from a pretrain
+    step without images, is ignored) or a train step's bundle (class-incremental). A distributed
+    training's nodes do not see this pod's files: they read the Model where its step wrote it
+    (under checkpoint_uri)."""
     from segcore.errors import SegcoreError
 
-    if pretrained is None or not pretrained.metadata.get("pretrained"):
+    if model is None or model.metadata.get("pretrained") is False:
         if load_weights_uri:
             key.update(load_weights=load_weights_uri, allow_dropped_classes=allow_dropped)
         return load_weights_uri
     if load_weights_uri:
-        raise SegcoreError("load_weights_uri and a pretraining (pretrain_data_uri) both give initial weights: give one")
-    uri = pretrained.metadata.get("uri", "")
-    key["pretrained"] = [uri, pretrained.metadata.get("final_loss")]
+        raise SegcoreError("load_weights_uri and a load_weights Model (e.g. a pretraining) both give initial weights")
+    uri = model.metadata.get("uri") or model.metadata.get("checkpoints") or ""
+    key["load_weights_model"] = [uri, model.metadata.get("final_loss", model.metadata.get("best_val_mean_dice"))]
+    key["allow_dropped_classes"] = allow_dropped
     if not distributed:
-        return pretrained.path
-    if not uri or uri == pretrained.path:
-        raise SegcoreError("a distributed training starts from a pretraining only through checkpoint_uri")
+        return model.path
+    if not uri or uri == model.path:
+        raise SegcoreError("a distributed training starts from a Model input only through checkpoint_uri")
     return uri

@@ -49,12 +49,12 @@ def train(
     image: str = "",
     s3_secret: str = "segcore-s3",
     mlflow_secret: str = "segcore-mlflow",
-    pretrained: Input[Model] = None,
+    load_weights: Input[Model] = None,
 ):
     """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
     More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
     unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher). load_weights_uri: backbone
-    weights (.pth) or a trained bundle (class-incremental); or pretrained: the pretrain step's Model, if it has any."""
+    weights (.pth) or a trained bundle (class-incremental); or load_weights: a pretrain step's or train step's Model."""
     from components import common
     from components.trainjob import Distribution, train_distributed
     from segcore import storage
@@ -68,7 +68,7 @@ def train(
     if unlabeled_data_uri:
         key["unlabeled"] = unlabeled_data_uri
     load_weights_uri = common.start_weights(
-        key, pretrained, load_weights_uri, allow_dropped_classes, train_nodes * train_procs_per_node > 1
+        key, load_weights, load_weights_uri, allow_dropped_classes, train_nodes * train_procs_per_node > 1
     )
     tracking_options = common.tracking(tracking, mlflow_tracking_uri, mlflow_experiment, mlflow_parent_run_id)
     dist = Distribution(

@@ -221,12 +221,12 @@ def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict, pre
     keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri",
             "unlabeled_data_uri", "load_weights_uri", "allow_dropped_classes", "s3_endpoint")  # fmt: skip
     if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
-        task = ops["train"](dataset=dataset, pretrained=pretrained, **{k: p[k] for k in keys}, **mlflow,
+        task = ops["train"](dataset=dataset, load_weights=pretrained, **{k: p[k] for k in keys}, **mlflow,
                             **_distribution(options))  # fmt: skip
         trained = _configure(task, options, "launch", "train (TrainJob)")
     else:
         trained = _configure(
-            ops["train"](dataset=dataset, pretrained=pretrained, **{k: p[k] for k in keys}, **mlflow),
+            ops["train"](dataset=dataset, load_weights=pretrained, **{k: p[k] for k in keys}, **mlflow),
             options,
             "train",
             "train",

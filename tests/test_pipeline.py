@@ -101,7 +101,7 @@ def test_compiled_dag_has_the_seven_steps_their_edges_and_typed_artifacts(compil
         return f"{art['producerTask']}.{art['outputArtifactKey']}"
 
     assert source("train", "dataset") == "convert.dataset"
-    assert source("train", "pretrained") == "pretrain.pretrained"
+    assert source("train", "load_weights") == "pretrain.pretrained"
     assert source("validate", "model") == "train.model"
     assert source("export", "model") == "train.model"
     assert source("quantize", "ir") == "export.ir"
@@ -562,10 +562,15 @@ def test_pretrain_component_feeds_the_training(steps, raw, tmp_path, caplog):
     caplog.set_level("INFO")
     for name, given in (("plain", skipped), ("fine", pretrained)):
         model, metrics = _artifact(dsl.Model, tmp_path / name), _artifact(dsl.Metrics, tmp_path / f"{name}-m")
-        train_op.python_func(model=model, metrics=metrics, pretrained=given, tracking=False, **kwargs)
+        train_op.python_func(model=model, metrics=metrics, load_weights=given, tracking=False, **kwargs)
         assert (Path(model.path) / "model.json").is_file()
         assert ("backbone tensors from" in caplog.text) == (name == "fine")
+    # a train step's Model as load_weights: class-incremental from the earlier bundle
+    more = _artifact(dsl.Model, tmp_path / "more")
+    train_op.python_func(model=more, metrics=_artifact(dsl.Metrics, tmp_path / "more-m"), load_weights=steps.model,
+                         tracking=False, **kwargs)  # fmt: skip
+    assert json.loads((Path(more.path) / "model.json").read_text())["started_from"]["kept"]
     with pytest.raises(SegcoreError, match="both give initial weights"):
         train_op.python_func(model=_artifact(dsl.Model, tmp_path / "x"), metrics=_artifact(dsl.Metrics, tmp_path / "y"),
-                             pretrained=pretrained, load_weights_uri=str(tmp_path / "fine"), tracking=False,
+                             load_weights=pretrained, load_weights_uri=str(tmp_path / "fine"), tracking=False,
                              **kwargs)  # fmt: skip
