@@ -153,12 +153,17 @@ def main() -> int:
     print(f"supervised: best {sup['best_val_mdice']:.4f} (epoch {sup['best_epoch']}), {sup['wall_min']} min")
     print(f"semi:       best {semi['best_val_mdice']:.4f} (epoch {semi['best_epoch']}, {semi['best_weights_from']}), "
           f"{semi['wall_min']} min")  # fmt: skip
-    print(f"gain: {semi['best_val_mdice'] - sup['best_val_mdice']:+.4f}")
-    for cls, value in sup["per_class_at_best"].items():
-        other = semi["per_class_at_best"][cls]
-        if value is not None and other is not None:
-            print(f"  {cls:<12} {value:.3f} -> {other:.3f} ({other - value:+.3f})")
+    print_gain(sup, semi)
     return 0
+
+
+def print_gain(base: dict, other: dict) -> None:
+    """The best mean Dice's difference and the per-class Dice at both runs' best epochs."""
+    print(f"gain: {other['best_val_mdice'] - base['best_val_mdice']:+.4f}")
+    for cls, value in base["per_class_at_best"].items():
+        then = other["per_class_at_best"][cls]
+        if value is not None and then is not None:
+            print(f"  {cls:<12} {value:.3f} -> {then:.3f} ({then - value:+.3f})")
 
 
 if __name__ == "__main__":
