@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="draws the labelled images (as semi_camvid.py)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--recipe", default="default")
+    ap.add_argument("--train-args", default="", help="extra segcore train flags of the fine-tuning and scratch runs")
     ap.add_argument("--reuse-pretrain", metavar="DIR", help="a finished segcore pretrain output")
     ap.add_argument("--reuse-scratch", metavar="DIR", help="a finished training on the same 46 images and epochs")
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
@@ -109,7 +110,7 @@ def main() -> int:
 
     base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
             "--epochs", str(args.epochs), "--precision", args.precision, "--recipe", args.recipe,
-            "--num-workers", "1", "--tracking-uri", ""]  # fmt: skip
+            "--num-workers", "1", "--tracking-uri", "", *shlex.split(args.train_args)]  # fmt: skip
     fine = runs / f"{args.template}-finetuned-{stamp}"
     wall = _run([*base, "--output", str(fine), "--load-weights", str(pre)], runs / f"finetune-{stamp}.log", env)
     result["finetuned"] = _summary(fine, wall)

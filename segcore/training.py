@@ -184,7 +184,8 @@ class WeightAverage:
 
 
 class EarlyStopping:
-    """Stop when the score has not improved for ``patience`` epochs, counted from ``start_epoch``."""
+    """Stop when the score has not improved for ``patience`` epochs, counted from ``start_epoch``
+    (``patience`` 0: never)."""
 
     def __init__(self, start_epoch: int, patience: int):
         self.start_epoch, self.patience = start_epoch, patience
@@ -196,7 +197,7 @@ class EarlyStopping:
         if score > self.best:
             self.best, self.best_epoch = score, epoch
             return False
-        if epoch < self.start_epoch:
+        if epoch < self.start_epoch or self.patience <= 0:  # patience 0: never stop early
             return False
         return epoch - max(self.best_epoch, self.start_epoch - 1) >= self.patience
 

@@ -257,6 +257,8 @@ def test_early_stopping():
     assert [late.update(e, s) for e, s in enumerate([0.9, 0.1, 0.1, 0.1, 0.1, 0.1], start=1)] == [
         False, False, False, False, False, True,
     ]  # fmt: skip
+    never = EarlyStopping(start_epoch=3, patience=0)  # --early-stop-patience 0
+    assert not any(never.update(e, s) for e, s in enumerate([0.9] + [0.1] * 30, start=1))
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -509,3 +511,12 @@ def test_otx_init_draws_only_the_conv_modules_by_fan_out():
     for conv in (fuse, model.decode_head.conv_seg):  # PyTorch's U(+-1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
         fan_in = conv.weight[0].numel()
         assert conv.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.15)
+
+
+def test_early_stopping_can_be_switched_off_from_the_cli(tmp_path):
+    gen = generate(tmp_path / "raw", "plain", num_train=4, num_val=2, size=(32, 32), seed=3)
+    out = tmp_path / "run"
+    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
+                 "--epochs", "1", "--input-size", "32x32", "--batch-size", "4", "--num-workers", "0",
+                 "--early-stop-patience", "0"]) == 0  # fmt: skip
+    assert json.loads((out / "model.json").read_text())["training_config"]["early_stop_patience"] == 0

@@ -127,6 +127,12 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="base learning rate (template default 1e-3)")
     p.add_argument("--seed", type=int, help="random seed (template default 42)")
     p.add_argument(
+        "--early-stop-patience",
+        type=int,
+        metavar="N",
+        help="stop after N epochs without a better validation Dice (template default 8; 0: train every epoch)",
+    )
+    p.add_argument(
         "--recipe",
         choices=("default", "reference"),  # segcore.models.templates.RECIPES (tested to match)
         help="default: what learned most per epoch on CamVid (OTX 2.6's crops, schedule and init, "
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         semi=_semi_overrides(args),
         recipe=args.recipe,
+        early_stop_patience=args.early_stop_patience,
     )
     meta = train_step(
         args.template,

@@ -30,6 +30,7 @@ class TrainOptions:
     precision: str | None = None  # auto|fp32|bf16|fp16 (default auto)
     semi: dict | None = None  # segcore.semi.SemiConfig overrides (used with unlabelled images)
     recipe: str | None = None  # a named recipe, segcore.models.templates.RECIPES (default "default")
+    early_stop_patience: int | None = None  # epochs without a better validation Dice; 0: no early stopping
 
 
 def train_step(
