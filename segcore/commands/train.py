@@ -79,6 +79,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SEC",
         help="data-parallel training: a rank that waits longer than SEC for the others (one died) fails (default 1800)",
     )
+    _add_semi_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
+    p.add_argument(
+        "--load-weights",
+        metavar="PATH",
+        help="initial weights, local or s3://: backbone weights (.pth), or a trained bundle of the same template "
+        "(class-incremental: its classes are matched to the data's by name, new classes are added)",
+    )
+    p.add_argument(
+        "--allow-dropped-classes",
+        action="store_true",
+        help="with a bundle in --load-weights: let the model forget classes the new data does not have "
+        "(default: refused)",
+    )
+    p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
+    add_tracking_arguments(p)
+    add_storage_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _add_semi_arguments(p: argparse.ArgumentParser) -> None:
+    """Semi-supervised training: the unlabelled images and the unsupervised loss."""
     p.add_argument(
         "--unlabeled-data-root",
         metavar="DIR",
@@ -100,23 +122,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="unlabelled images per step and process, beside --batch-size labelled ones (default 5)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt after a crash or kill")
-    p.add_argument(
-        "--load-weights",
-        metavar="PATH",
-        help="initial weights, local or s3://: backbone weights (.pth), or a trained bundle of the same template "
-        "(class-incremental: its classes are matched to the data's by name, new classes are added)",
-    )
-    p.add_argument(
-        "--allow-dropped-classes",
-        action="store_true",
-        help="with a bundle in --load-weights: let the model forget classes the new data does not have "
-        "(default: refused)",
-    )
-    p.add_argument("--json", action="store_true", help="print the bundle metadata as JSON at the end")
-    add_tracking_arguments(p)
-    add_storage_arguments(p)
-    p.set_defaults(func=run)
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
