@@ -10,7 +10,8 @@ from segcore.sizes import parse_size
 
 EPILOG = """\
 The method is DetCon (BYOL-style online and target networks, contrastive loss per unsupervised
-image segment), OTX 1.x's choice; see docs/training.md for what it gave on CamVid. --data-root and
+image segment), OTX 1.x's choice. Experimental: on CamVid with 46 masks the pretrained backbone
+started far faster but ended below training from random weights (docs/benchmarks.md). --data-root and
 --output may be s3://bucket/prefix (the output is uploaded after every epoch, so --resume continues
 from S3). The output's backbone is what 'segcore train --load-weights OUTPUT' starts from.
 The run is tracked in MLflow like a training (parameters, per-epoch loss and match accuracy).
