@@ -13,7 +13,7 @@ import sys
 from segcore.sizes import parse_size
 
 EPILOG = """\
-The DAG: convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8). Every step
+The DAG: convert -> [pretrain ->] train -> validate (FP32) -> export -> quantize -> validate (INT8). Every step
 runs segcore in the image given to compile/submit, logs a nested MLflow run under the pipeline's
 parent run, and writes typed artifacts (Dataset, Model, Metrics, ClassificationMetrics, HTML).
 
@@ -193,7 +193,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pipeline",
         help="the Kubeflow pipeline: compile it, dry-run it locally, submit it to a cluster",
-        description="The Kubeflow pipeline convert -> train -> validate -> export -> quantize -> validate (INT8).",
+        description="The Kubeflow pipeline convert -> [pretrain ->] train -> validate -> export -> quantize -> "
+        "validate (INT8).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

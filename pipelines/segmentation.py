@@ -127,7 +127,7 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         mlflow_experiment: str = "segcore",
         mlflow_run_name: str = "",
     ) -> PipelineOutputs:
-        """convert -> train -> validate (FP32) -> export -> quantize -> validate (INT8).
+        """convert -> [pretrain ->] train -> validate (FP32) -> export -> quantize -> validate (INT8).
 
         Args:
             train_data_uri: training data (or the whole dataset): s3://bucket/prefix or a path the pods see.
