@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from segcore import __version__, devices
 from segcore.data.transforms import grayscale, normalize, photometric, random_resized_crop
 from segcore.errors import SegcoreError
+from segcore.training import _save_atomic, _write_json_atomic
 
 __all__ = ["BACKBONE", "PRETRAIN_META", "DetCon", "PretrainConfig", "detcon_loss", "pool_masks", "pretrain"]
 
@@ -316,12 +317,6 @@ def _refuse_existing(output: Path, resume: bool) -> None:
         )
 
 
-def _save_atomic(obj, path: Path) -> None:
-    from segcore.training import _save_atomic as save
-
-    save(obj, path)
-
-
 def pretrain(
     config: PretrainConfig,
     files: list[Path],
@@ -461,7 +456,5 @@ def _finish(config, template, model: DetCon, output: Path, images: int, device, 
         "config": _jsonable(config),
         "segcore_version": __version__,
     }
-    tmp = output / (PRETRAIN_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(output / PRETRAIN_META)
+    _write_json_atomic(meta, output / PRETRAIN_META)
     return meta
