@@ -13,16 +13,21 @@ from segcore.errors import SegcoreError
 
 
 class TorchPredictor:
-    """A model bundle (training output folder) in PyTorch eager mode."""
+    """A model bundle (training output folder) in PyTorch eager mode.
 
-    def __init__(self, bundle: str | Path, device: str | None = "cpu"):
+    ``memory_format`` (segcore.devices.resolve_memory_format; auto: channels-last on the CPU) is the
+    order the network runs in; a training validates in its own, so with both on auto ``segcore
+    eval`` gives a bundle exactly the Dice its training recorded."""
+
+    def __init__(self, bundle: str | Path, device: str | None = "cpu", memory_format: str = "auto"):
         from segcore.bundle import load_bundle
-        from segcore.devices import resolve_device
+        from segcore.devices import MEMORY_FORMATS, resolve_device, resolve_memory_format
 
         self.path = Path(bundle)
         self.device = resolve_device(device)
+        self.memory_format = MEMORY_FORMATS[resolve_memory_format(memory_format, self.device)]
         self.model, self.meta = load_bundle(self.path)
-        self.model.to(self.device)
+        self.model.to(self.device, memory_format=self.memory_format)
         self.labels = list(self.meta["labels"])
         self.input_size = tuple(self.meta["input_size"])
 
@@ -30,7 +35,7 @@ class TorchPredictor:
     def logits(self, images: torch.Tensor, size=None) -> torch.Tensor:
         """N,3,H,W normalised input (on the CPU) -> N,C,H,W fp32 logits on the CPU (resized to
         ``size`` when given)."""
-        return self.model(images.to(self.device), size=size).float().cpu()
+        return self.model(images.to(self.device, memory_format=self.memory_format), size=size).float().cpu()
 
     __call__ = logits
 

@@ -307,7 +307,7 @@ def quantization_aware_training(
     from segcore.models.litehrnet import fixed_input_size
     from segcore.training import BEST, TrainConfig, train
 
-    predictor = TorchPredictor(bundle)
+    predictor = TorchPredictor(bundle, memory_format="contiguous")  # NNCF's graph is built and tested so
     meta = dict(predictor.meta)
     config = TrainConfig.from_bundle(meta)
     config = replace(
@@ -320,6 +320,7 @@ def quantization_aware_training(
         early_stop_start_epoch=1,
         device="auto",  # the machine's, not the one the bundle was trained on
         precision="fp32",  # fake-quantizers simulate INT8 on fp32 values
+        memory_format="contiguous",  # the order NNCF's fake-quantized graph was built and tested in
         ema_decay=0.0,  # fine-tunes the quantized network itself
         probe_ema_decays=(),
     )

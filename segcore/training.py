@@ -57,6 +57,7 @@ class TrainConfig(Recipe):
     augment: dict = field(default_factory=dict)  # AugmentConfig overrides
     device: str = "auto"  # auto|cpu|cuda|cuda:N (segcore.devices)
     precision: str = "auto"  # auto|fp32|bf16|fp16: autocast of the forward pass (segcore.devices)
+    memory_format: str = "auto"  # auto|channels_last|contiguous: order of weights and activations (segcore.devices)
     # Diagnostics: more weight averages (their decays) scored after every epoch beside the model the
     # training validates; their Dice goes to metrics.jsonl (``val_mdice_ema``), nothing else.
     probe_ema_decays: tuple[float, ...] = ()
@@ -314,6 +315,7 @@ class _State:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     scaler: torch.amp.GradScaler | None = None
+    memory_format: str = "contiguous"  # of the networks' weights and of every batch they are given
     start_epoch: int = 1
     train_seconds: float = 0.0
     world: parallel.World = parallel.World()
@@ -338,6 +340,11 @@ class _State:
     def autocast(self):
         return devices.autocast(self.device, self.precision)
 
+    def to_device(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU batch of images on the training's device, dtype and memory format."""
+        order = devices.MEMORY_FORMATS[self.memory_format]
+        return images.to(self.device, dtype=dtype, non_blocking=True, memory_format=order)
+
     def after_step(self) -> None:
         for average in ([self.ema] if self.ema is not None else []) + self.probes:
             average.update(self.model)
@@ -348,7 +355,7 @@ class _State:
         dtype = next(net.parameters()).dtype
 
         def predict(images: torch.Tensor, size=None) -> torch.Tensor:
-            return net(images.to(self.device, dtype, non_blocking=True), size=size).float().cpu()
+            return net(self.to_device(images, dtype), size=size).float().cpu()
 
         return predict
 
@@ -472,6 +479,7 @@ def _initial_state(
     w = parallel.world()
     device = parallel.device_for(devices.resolve_device(config.device), w)
     precision = devices.resolve_precision(config.precision, device)
+    memory_format = devices.resolve_memory_format(config.memory_format, device)
     if initial_model is not None:
         model = initial_model
     else:
@@ -487,7 +495,7 @@ def _initial_state(
             load_backbone_weights(model, load_weights)
     if w.distributed:
         model = parallel.sync_batchnorm(model, device)
-    model.to(device)
+    model.to(device, memory_format=devices.MEMORY_FORMATS[memory_format])
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -502,15 +510,15 @@ def _initial_state(
         # before each forward pass: synchronised batch norm keeps them equal.
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-        log.info("training on %s in %s, rank %d of %d", device, precision, w.rank, w.size)
+        log.info("training on %s in %s (%s), rank %d of %d", device, precision, memory_format, w.rank, w.size)
     else:
-        log.info("training on %s in %s", device, precision)
+        log.info("training on %s in %s (%s)", device, precision, memory_format)
     scaler = devices.grad_scaler(device, precision)
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     probes = [WeightAverage(model, d) for d in config.probe_ema_decays]
     return _State(
-        model, net, optimizer, scheduler, stopper, device, precision, scaler, world=w, ema=ema, probes=probes,
-        started_from=started_from,
+        model, net, optimizer, scheduler, stopper, device, precision, scaler, memory_format, world=w, ema=ema,
+        probes=probes, started_from=started_from,
     )  # fmt: skip
 
 
@@ -624,7 +632,7 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
     dtype = next(model.parameters()).dtype  # fp32 (fp64 where a numerical check made the model so)
     for batch in bar:
         images, masks, extra = batch if len(batch) == 3 else (*batch, None)
-        images = images.to(state.device, dtype=dtype, non_blocking=True)
+        images = state.to_device(images, dtype)
         masks = masks.to(state.device, non_blocking=True)
         if extra is None:
             with state.autocast():
@@ -659,8 +667,8 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     the teacher labels the weak views."""
     from segcore.semi import IGNORE, ignore_share, pseudo_labels, unlabeled_weight, unsupervised_loss
 
-    weak, strong, valid = (t.to(state.device, non_blocking=True) for t in extra)
-    weak, strong = weak.to(dtype), strong.to(dtype)
+    weak, strong = state.to_device(extra[0], dtype), state.to_device(extra[1], dtype)
+    valid = extra[2].to(state.device, non_blocking=True)
     with torch.no_grad(), state.autocast():
         teacher_logits = state.ema.model(weak)
     labels = pseudo_labels(devices.at_least_fp32(teacher_logits), valid, ignore_share(state.semi, epoch))
@@ -796,6 +804,7 @@ def _write_bundle(config: TrainConfig, manifest: dict, output: Path, last_done: 
         "train_seconds": round(state.train_seconds, 1),
         "train_device": str(state.device),
         "train_precision": state.precision,
+        "train_memory_format": state.memory_format,
         "train_processes": state.world.size,
         "training_config": asdict(config),
         **({"semi_supervised": {"unlabeled_images": state.unlabeled_images}} if state.semi is not None else {}),

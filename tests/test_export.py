@@ -363,3 +363,30 @@ def test_range_estimators_otx_quantile_extremes_are_wider_than_mean_quantiles(tr
     assert contained >= 0.9 * total and wider >= 0.1 * total, (contained, wider, total)
     with pytest.raises(Exception, match="unknown range estimator"):
         quantize_ir(fp32.clone(), meta, trained["dataset"], subset_size=2, range_estimator="median")
+
+
+def test_export_traces_the_plain_shuffle_and_interpolate_whatever_the_input_strides(tmp_path):
+    """The export's input reaches the network channels-last (an NHWC image permuted); the trace
+    must still take the plain channel shuffle (one ShuffleChannels each) and the Interpolate of
+    the cross-resolution weights, not the channels-last and broadcast forms training uses."""
+    from segcore.bundle import load_bundle
+    from segcore.export import to_openvino
+    from segcore.models import litehrnet
+    from segcore.optimize import count_ops
+
+    model, meta = load_bundle(_write_bundle(tmp_path / "b", TEMPLATES[0], ["a", "b", "c"]))
+    calls = []
+    original = litehrnet.channel_shuffle
+    try:
+        litehrnet.channel_shuffle = lambda x, groups: calls.append(groups) or original(x, groups)
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))
+    finally:
+        litehrnet.channel_shuffle = original
+    ov_model = to_openvino(model, meta)
+    counts = count_ops(ov_model, "Transpose", "Interpolate")
+    blocks = [m for m in model.modules() if isinstance(m, litehrnet.CrossResolutionWeighting)]
+    # one Reshape-Transpose-Reshape per shuffle (the CPU plugin fuses it into ShuffleChannels),
+    # plus the input's NHWC -> NCHW permute
+    assert counts["Transpose"] == len(calls) + 1 and len(calls) > 0
+    assert counts["Interpolate"] >= sum(len(m.channels) - 1 for m in blocks) > 0

@@ -315,3 +315,33 @@ def test_logits_go_straight_to_the_requested_size():
         assert model(x).shape == (1, 3, 64, 64)
     assert resized.shape == (1, 3, 40, 50)
     torch.testing.assert_close(resized, F.interpolate(head, size=(40, 50), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 8, 6), (1, 6, 1, 1), (2, 4, 3, 1)])
+def test_channel_shuffle_keeps_the_memory_format(shape):
+    from segcore.models.litehrnet import channel_shuffle
+
+    x = torch.randn(shape)
+    plain = channel_shuffle(x, 2)
+    assert torch.equal(plain[:, 1], x[:, shape[1] // 2]) and plain.is_contiguous()
+    nhwc = channel_shuffle(x.contiguous(memory_format=torch.channels_last), 2)
+    assert torch.equal(nhwc, plain) and nhwc.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (7, 12)])
+@pytest.mark.parametrize("order", [torch.contiguous_format, torch.channels_last])
+def test_scale_by_equals_multiplying_by_the_nearest_upsampled_weights(size, order):
+    from segcore.models.litehrnet import _scale_by
+
+    x = torch.randn(2, 6, *size).contiguous(memory_format=order).requires_grad_()
+    w = torch.rand(2, 6, 2, 3, requires_grad=True)
+    expected = x * F.interpolate(w, size=size, mode="nearest")
+    got = _scale_by(x, w)
+    assert torch.equal(got, expected) and got.is_contiguous(memory_format=order)
+    grad = torch.randn_like(expected)
+    assert all(
+        torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(
+            torch.autograd.grad(got, (x, w), grad), torch.autograd.grad(expected, (x, w), grad), strict=True
+        )
+    )

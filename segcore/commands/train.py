@@ -67,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "device with bf16 or a CPU with AVX512-BF16/AMX, fp16 on older GPUs, else fp32",
     )
     p.add_argument(
+        "--memory-format",
+        choices=("auto", "channels_last", "contiguous"),
+        help="order of weights and activations in memory while training; auto (default): channels_last on a "
+        "CPU (about 1.3x faster there), contiguous on CUDA; the trained model is the same either way",
+    )
+    p.add_argument(
         "--nproc-per-node",
         type=int,
         metavar="N",
@@ -165,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget,
         device=args.device,
         precision=args.precision,
+        memory_format=args.memory_format,
         semi=_semi_overrides(args),
         recipe=args.recipe,
         early_stop_patience=args.early_stop_patience,

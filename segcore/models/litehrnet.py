@@ -36,7 +36,19 @@ __all__ = [
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Interleave the channels of ``groups`` equal groups (ShuffleNet)."""
+    """Interleave the channels of ``groups`` equal groups (ShuffleNet), keeping ``x``'s memory format.
+
+    A channels-last tensor (channels innermost in memory: what a training in channels-last order
+    passes, see ``segcore.devices.resolve_memory_format``) is shuffled within each pixel's channels
+    and stays channels-last; the plain version would hand the following layers a contiguous (NCHW)
+    tensor, and every operation mixing the two orders copies. Contiguous tensors, and every trace
+    or export (whatever the strides of its example), take the plain path, which OpenVINO reads as
+    one ShuffleChannels."""
+    exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if not exporting and x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1:  # channels innermost
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).unflatten(3, (groups, -1)).transpose(3, 4).reshape(n, h, w, c)
+        return pixels.permute(0, 3, 1, 2)
     return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
 
 
@@ -147,12 +159,29 @@ def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, (out_h, out_w))
 
 
+def _scale_by(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``x * F.interpolate(weights, size=x's, mode="nearest")`` without the upsampled copy when the
+    sizes divide: each weight multiplies its block of pixels through a broadcast view. The same
+    numbers, with one tensor of ``x``'s size less to compute and to keep for the backward pass.
+    A traced or exported graph keeps the Interpolate, which holds for any input size."""
+    height, width = x.shape[-2:]
+    rows, cols = weights.shape[-2:]
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or height % rows or width % cols:
+        return x * F.interpolate(weights, size=(height, width), mode="nearest")
+    blocks = x.unflatten(3, (cols, width // cols)).unflatten(2, (rows, height // rows))
+    return (blocks * weights[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+
+
 class CrossResolutionWeighting(nn.Module):
     """Channel weights computed from all branches at once.
 
     Every branch is average-pooled to the smallest branch's size, the results are concatenated
     and squeezed by ``ratio`` (1x1 conv + BN + ReLU), expanded back (1x1 conv + BN + sigmoid),
     split per branch, upsampled (nearest) and multiplied into the branch.
+
+    In training and eager inference the upsampling is a broadcast (``_scale_by``); the graph for one
+    input size (``fixed_input_size``: the export and QAT) keeps OpenVINO's patterns: strided
+    average pooling and a nearest Interpolate.
     """
 
     def __init__(self, channels: Sequence[int], ratio: int) -> None:
@@ -161,35 +190,38 @@ class CrossResolutionWeighting(nn.Module):
         total = sum(self.channels)
         self.conv1 = ConvBNAct(total, int(total / ratio), 1)
         self.conv2 = ConvBNAct(int(total / ratio), total, 1, act=nn.Sigmoid)
-        # Set by fixed_input_size() for a graph whose input size never changes (the export).
-        self.strided_pool = False
+        # Set by fixed_input_size() for a graph whose input size never changes (the export, QAT).
+        self.fixed_size = False
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         min_size = xs[-1].shape[-2:]
-        pool = _pool_to if self.strided_pool else F.adaptive_avg_pool2d
+        pool = _pool_to if self.fixed_size else F.adaptive_avg_pool2d
         pooled = [pool(x, min_size) for x in xs[:-1]] + [xs[-1]]
         weights = self.conv2(self.conv1(torch.cat(pooled, dim=1)))
-        return [
-            x * F.interpolate(w, size=x.shape[-2:], mode="nearest")
-            for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)
-        ]
+        if self.fixed_size:
+            return [
+                x * F.interpolate(w, size=x.shape[-2:], mode="nearest")
+                for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)
+            ]
+        return [_scale_by(x, w) for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)]
 
 
 @contextmanager
 def fixed_input_size(model: nn.Module):
     """Within this block, ``model`` runs (or is traced) at one input size: cross-resolution
-    weighting pools with plain strided average pooling (see ``_pool_to``), not adaptive pooling.
+    weighting pools with plain strided average pooling (see ``_pool_to``), not adaptive pooling,
+    and upsamples its weights with an Interpolate (not ``_scale_by``'s broadcast).
     Used for the export; QAT keeps it on for its whole run (its inputs all have one size, and
     NNCF's quantizers attach to the ops by name, so the trained and the exported graph must match)."""
     modules = [m for m in model.modules() if isinstance(m, CrossResolutionWeighting)]
-    before = [m.strided_pool for m in modules]
+    before = [m.fixed_size for m in modules]
     for m in modules:
-        m.strided_pool = True
+        m.fixed_size = True
     try:
         yield model
     finally:
         for m, flag in zip(modules, before, strict=True):
-            m.strided_pool = flag
+            m.fixed_size = flag
 
 
 class SpatialWeighting(nn.Module):

@@ -28,6 +28,7 @@ class TrainOptions:
     time_budget_min: float | None = None
     device: str | None = None  # auto|cpu|cuda|cuda:N (default auto)
     precision: str | None = None  # auto|fp32|bf16|fp16 (default auto)
+    memory_format: str | None = None  # auto|channels_last|contiguous (default auto)
     semi: dict | None = None  # segcore.semi.SemiConfig overrides (used with unlabelled images)
     recipe: str | None = None  # a named recipe, segcore.models.templates.RECIPES (default "default")
     early_stop_patience: int | None = None  # epochs without a better validation Dice; 0: no early stopping
@@ -354,6 +355,7 @@ def resolved_hardware(config) -> dict:
     return {
         "train_device": str(device),
         "train_precision": devices.resolve_precision(config.precision, device),
+        "train_memory_format": devices.resolve_memory_format(config.memory_format, device),
         "train_processes": world.size,
     }
 
