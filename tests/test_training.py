@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -184,6 +185,35 @@ def test_photometric_and_mixing_leave_mask_alone():
     x, y = T.TrainTransform(cfg)(image, mask, np.random.default_rng(1))
     assert x.shape == (3, 48, 64) and x.dtype == np.float32 and y.shape == (48, 64)
     assert set(np.unique(y)) <= set(np.unique(mask))
+
+
+def _photometric_per_pixel(image, rng):
+    """The photometric distortion computed on float32 images pixel by pixel (its definition)."""
+    img = image.astype(np.float32)
+    if rng.random() < 0.5:
+        img += rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        img *= rng.uniform(0.5, 1.5)
+    do_sat, do_hue = rng.random() < 0.5, rng.random() < 0.5
+    if do_sat or do_hue:
+        hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+        if do_sat:
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+        if do_hue:
+            hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 19)) % 180
+        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    if not contrast_first and rng.random() < 0.5:
+        img *= rng.uniform(0.5, 1.5)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_photometric_tables_equal_the_per_pixel_definition():
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for seed in range(64):  # covers every combination of the four coin flips
+        fast, slow = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert np.array_equal(T.photometric(image, fast), _photometric_per_pixel(image, slow)), seed
+        assert fast.random() == slow.random()  # the same draws: later augmentation is unchanged
 
 
 def test_train_transform_is_deterministic_per_seed():
@@ -466,9 +496,10 @@ def test_ce_dice_loss_is_cross_entropy_plus_soft_dice_over_valid_pixels():
     expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255) + 0.5 * (1 - dice.mean())
     loss = criterion(logits, target)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
     loss.backward()
+    assert torch.allclose(logits.grad, expected_grad, rtol=1e-4, atol=1e-7)
     assert logits.grad[0, :, :2].abs().max() == 0  # ignored pixels get no gradient
-    assert torch.isfinite(logits.grad).all()
 
 
 def test_kaiming_init_scales_convolutions_by_fan_out_and_keeps_the_classifier():
