@@ -1,6 +1,8 @@
 """Training throughput and peak memory of `segcore train` on real data, side by side in one run:
-fp32 against bf16 autocast, one process with 2 threads against 2 data-parallel processes with 1
-thread each (torchrun, gloo), and, when given its virtualenv, OTX 2.6 on the same crops and batch.
+fp32 against bf16 autocast, channels-last against contiguous memory order, one process with 2
+threads against 2 data-parallel processes with 1 thread each (torchrun, gloo), and, when given its
+virtualenv, OTX 2.6 on the same crops and batch. Both memory orders are timed for one process;
+data-parallel rows use the first of --memory-formats only.
 
 Run by hand on an otherwise idle machine (about 25 minutes with OTX):
 
@@ -55,13 +57,13 @@ def subset(camvid: Path, work: Path, train_images: int, val_images: int) -> Path
     return target
 
 
-def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs: int, args) -> dict:
+def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs: int, order: str, args) -> dict:
     threads = max(1, args.cores // procs)
-    out = work / "runs" / f"{template}-{precision}-{procs}x{threads}-{int(time.time())}"
+    out = work / "runs" / f"{template}-{precision}-{order}-{procs}x{threads}-{int(time.time())}"
     cmd = [sys.executable, "-m", "segcore.cli", "train", template, "--train-data-root", str(dataset),
            "--output", str(out), "--epochs", str(args.epochs), "--batch-size", str(args.global_batch // procs),
            "--input-size", args.input_size, "--precision", precision, "--device", "cpu",
-           "--num-workers", str(args.num_workers), "--recipe", args.recipe]  # fmt: skip
+           "--num-workers", str(args.num_workers), "--recipe", args.recipe, "--memory-format", order]  # fmt: skip
     if procs > 1:
         cmd += ["--nproc-per-node", str(procs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SEGCORE_TRACKING": "off", "CI": "true"}
@@ -71,7 +73,7 @@ def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs:
     shutil.rmtree(out, ignore_errors=True)
     return {
         "engine": "segcore", "template": template, "recipe": args.recipe, "precision": precision,
-        "layout": f"{procs}x{threads}",
+        "memory_format": order, "layout": f"{procs}x{threads}",
         "img_per_s": round(records[-1]["img_per_s"], 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in records),
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
@@ -99,6 +101,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "datasets" / "camvid"))
     ap.add_argument("--templates", default="Lite-HRNet-18,Lite-HRNet-s-mod2")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--memory-formats", default="channels_last,contiguous", help="segcore train --memory-format values")
     ap.add_argument("--procs", default="1,2", help="data-parallel processes per row (threads: cores / procs)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--input-size", default="512x512")
@@ -120,9 +123,11 @@ def main() -> int:
     rows = []
     for template in args.templates.split(","):
         for precision in args.precisions.split(","):
+            orders = args.memory_formats.split(",")
             for procs in (int(p) for p in args.procs.split(",")):
-                rows.append(segcore_row(dataset, work, template, precision, procs, args))
-                print(json.dumps(rows[-1]), flush=True)
+                for order in orders if procs == 1 else orders[:1]:
+                    rows.append(segcore_row(dataset, work, template, precision, procs, order, args))
+                    print(json.dumps(rows[-1]), flush=True)
         row = otx_row(template, args)
         if row:
             rows.append(row)
@@ -133,10 +138,11 @@ def main() -> int:
         for row in rows:
             f.write(json.dumps({**stamp, **row}) + "\n")
     print(f"\n{machine}; {args.input_size}, global batch {args.global_batch}")
-    print(f"{'engine':<9} {'template':<19} {'precision':<9} {'procs x threads':<15} {'img/s':>6} {'peak RSS MB':>11}")
+    print(f"{'engine':<9} {'template':<19} {'precision':<9} {'memory':<13} {'procs x threads':<15} {'img/s':>6} "
+          f"{'peak RSS MB':>11}")  # fmt: skip
     for r in rows:
-        print(f"{r['engine']:<9} {r['template']:<19} {r['precision']:<9} {r['layout']:<15} {r['img_per_s']:>6.2f} "
-              f"{r['peak_rss_mb']:>11}")  # fmt: skip
+        print(f"{r['engine']:<9} {r['template']:<19} {r['precision']:<9} {r.get('memory_format', ''):<13} "
+              f"{r['layout']:<15} {r['img_per_s']:>6.2f} {r['peak_rss_mb']:>11}")  # fmt: skip
     return 0
 
 
