@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--memory-format",
         choices=("auto", "channels_last", "contiguous"),
         help="order of weights and activations in memory while training; auto (default): channels_last on a "
-        "CPU (about 1.3x faster there), contiguous on CUDA; the trained model is the same either way",
+        "CPU (1.0-1.3x faster there, by template and precision), contiguous on CUDA; the trained model is "
+        "the same either way",
     )
     p.add_argument(
         "--nproc-per-node",
