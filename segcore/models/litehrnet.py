@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 
+def _tracing() -> bool:
+    """Whether this forward pass is being traced or exported (a graph for any input and layout)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave the channels of ``groups`` equal groups (ShuffleNet), keeping ``x``'s memory format.
 
@@ -44,8 +49,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     tensor, and every operation mixing the two orders copies. Contiguous tensors, and every trace
     or export (whatever the strides of its example), take the plain path, which OpenVINO reads as
     one ShuffleChannels."""
-    exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if not exporting and x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1:  # channels innermost
+    if not _tracing() and x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1:  # channels innermost
         n, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).unflatten(3, (groups, -1)).transpose(3, 4).reshape(n, h, w, c)
         return pixels.permute(0, 3, 1, 2)
@@ -159,14 +163,14 @@ def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, (out_h, out_w))
 
 
-def _scale_by(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _scale_by(x: torch.Tensor, weights: torch.Tensor, broadcast: bool = True) -> torch.Tensor:
     """``x * F.interpolate(weights, size=x's, mode="nearest")`` without the upsampled copy when the
     sizes divide: each weight multiplies its block of pixels through a broadcast view. The same
     numbers, with one tensor of ``x``'s size less to compute and to keep for the backward pass.
-    A traced or exported graph keeps the Interpolate, which holds for any input size."""
+    A traced or exported graph, and ``broadcast=False``, keep the Interpolate."""
     height, width = x.shape[-2:]
     rows, cols = weights.shape[-2:]
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or height % rows or width % cols:
+    if not broadcast or _tracing() or height % rows or width % cols:
         return x * F.interpolate(weights, size=(height, width), mode="nearest")
     blocks = x.unflatten(3, (cols, width // cols)).unflatten(2, (rows, height // rows))
     return (blocks * weights[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
@@ -198,12 +202,10 @@ class CrossResolutionWeighting(nn.Module):
         pool = _pool_to if self.fixed_size else F.adaptive_avg_pool2d
         pooled = [pool(x, min_size) for x in xs[:-1]] + [xs[-1]]
         weights = self.conv2(self.conv1(torch.cat(pooled, dim=1)))
-        if self.fixed_size:
-            return [
-                x * F.interpolate(w, size=x.shape[-2:], mode="nearest")
-                for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)
-            ]
-        return [_scale_by(x, w) for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)]
+        return [
+            _scale_by(x, w, broadcast=not self.fixed_size)
+            for x, w in zip(xs, weights.split(self.channels, dim=1), strict=True)
+        ]
 
 
 @contextmanager
