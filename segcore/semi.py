@@ -12,7 +12,9 @@ given (``segcore train ... --unlabeled-data-root DIR``).
   ``pseudo_ignore_epochs`` epochs. Pixels outside the image (rotation, padding) are left out too.
 - The unsupervised loss is the student's cross-entropy on the strong view against the
   pseudo-labels, summed over the used pixels and divided by all pixels of the unlabelled batch
-  (so it scales with the share used), weighted by ``unlabeled_weight``. The first
+  (so it scales with the share used), weighted by ``unlabeled_weight``. With ``unlabeled_loss``
+  "ce_dice" it is the labelled loss (cross-entropy + soft Dice, which weights every class
+  equally) over the used pixels, times the share used. The first
   ``unlabeled_start_epoch - 1`` epochs use labelled data only.
 """
 
@@ -48,8 +50,12 @@ class SemiConfig:
     unlabeled_rampup_epochs: int = 0
     unlabeled_batch_size: int = 5  # per process, beside the labelled batch
     teacher_decay: float = 0.99
+    unlabeled_loss: str = "ce"  # "ce" (OTX's) or "ce_dice" (cross-entropy + soft Dice on the pseudo-labels)
     pseudo_ignore_start: float = 0.2
     pseudo_ignore_epochs: int = 100
+    # > 0: keep only pixels whose teacher confidence (largest softmax probability) reaches it, and
+    # drop no entropy share (pseudo_ignore_start is then not used)
+    pseudo_threshold: float = 0.0
     unlabeled_start_epoch: int = 2
     strong_photometric_p: float = 0.7
     strong_grayscale_p: float = 0.3
@@ -68,23 +74,28 @@ def unlabeled_weight(config: SemiConfig, epoch: int) -> float:
 
 def ignore_share(config: SemiConfig, epoch: int) -> float:
     """The share of each image's pixels (highest entropy first) left out of the pseudo-labels."""
-    if config.pseudo_ignore_epochs <= 0:
+    if config.pseudo_ignore_epochs <= 0 or config.pseudo_threshold > 0:
         return 0.0
     progress = min(1.0, (epoch - 1) / config.pseudo_ignore_epochs)
     return config.pseudo_ignore_start * (1.0 - progress)
 
 
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor, share: float, ignore_index: int = IGNORE) -> torch.Tensor:
+def pseudo_labels(
+    logits: torch.Tensor, valid: torch.Tensor, share: float, ignore_index: int = IGNORE, threshold: float = 0.0
+) -> torch.Tensor:
     """The argmax of ``logits`` (N, C, H, W) with, per image, the ``share`` of its valid pixels
-    with the highest softmax entropy (floored to whole pixels), and every pixel where ``valid`` is
-    False, set to ``ignore_index``."""
+    with the highest softmax entropy (floored to whole pixels), every pixel whose largest
+    probability is below ``threshold``, and every pixel where ``valid`` is False, set to
+    ``ignore_index``."""
     probs = torch.softmax(at_least_fp32(logits), dim=1)
-    labels = probs.argmax(1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+    confidence, labels = probs.max(1)
     labels[~valid] = ignore_index
+    if threshold > 0.0:
+        labels[confidence < threshold] = ignore_index
     if share <= 0.0:
         return labels
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
     for i in range(len(labels)):
         where = valid[i].reshape(-1).nonzero().squeeze(1)  # flat positions of the valid pixels
         drop = int(math.floor(share * where.numel()))
@@ -100,6 +111,16 @@ def unsupervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     pixel = torch.nn.functional.cross_entropy(at_least_fp32(logits), labels, ignore_index=ignore_index, reduction="sum")
     total = torch.tensor(float(labels.numel()), device=logits.device)
     return parallel.sum_across(pixel) / parallel.sum_across(total).clamp(min=1)
+
+
+def unsupervised_ce_dice(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Cross-entropy + soft Dice (``losses.DiceCrossEntropy``) over the pseudo-labelled pixels,
+    times their share of all pixels of the (global) batch; 0 with a gradient when none is used."""
+    from segcore.losses import DiceCrossEntropy
+
+    used = parallel.all_reduce_sum_((labels != ignore_index).sum().double())
+    total = parallel.all_reduce_sum_(torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device))
+    return DiceCrossEntropy(ignore_index)(logits, labels) * float(used / total.clamp(min=1))
 
 
 def strong_view(image: np.ndarray, config: SemiConfig, rng: np.random.Generator) -> np.ndarray:

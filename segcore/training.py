@@ -665,18 +665,27 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
     """The labelled loss plus the weighted unsupervised loss of one step. The student sees the
     labelled images and the strong views in one forward pass (one batch-norm batch, one DDP call);
     the teacher labels the weak views."""
-    from segcore.semi import IGNORE, ignore_share, pseudo_labels, unlabeled_weight, unsupervised_loss
+    from segcore.semi import (
+        IGNORE,
+        ignore_share,
+        pseudo_labels,
+        unlabeled_weight,
+        unsupervised_ce_dice,
+        unsupervised_loss,
+    )
 
     weak, strong = state.to_device(extra[0], dtype), state.to_device(extra[1], dtype)
     valid = extra[2].to(state.device, non_blocking=True)
     with torch.no_grad(), state.autocast():
         teacher_logits = state.ema.model(weak)
-    labels = pseudo_labels(devices.at_least_fp32(teacher_logits), valid, ignore_share(state.semi, epoch))
+    share, threshold = ignore_share(state.semi, epoch), state.semi.pseudo_threshold
+    labels = pseudo_labels(devices.at_least_fp32(teacher_logits), valid, share, threshold=threshold)
     with state.autocast():
         logits = state.net(torch.cat([images, strong]))
     logits = devices.at_least_fp32(logits)
     supervised = criterion(logits[: len(images)], masks)
-    unsupervised = unsupervised_loss(logits[len(images) :], labels)
+    unsup_loss = unsupervised_ce_dice if state.semi.unlabeled_loss == "ce_dice" else unsupervised_loss
+    unsupervised = unsup_loss(logits[len(images) :], labels)
     unsup["loss"] += float(unsupervised.detach())
     unsup["used"] += float((labels != IGNORE).float().mean())
     unsup["steps"] += 1

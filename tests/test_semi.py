@@ -29,6 +29,7 @@ from segcore.semi import (
     list_unlabeled,
     pseudo_labels,
     unlabeled_weight,
+    unsupervised_ce_dice,
     unsupervised_loss,
 )
 from segcore.training import WeightAverage
@@ -71,9 +72,10 @@ def test_weight_average_copies_integer_buffers_and_averages_bn_statistics():
     assert torch.allclose(average.model.running_var, 2 / 11 * before + 9 / 11 * model.running_var)
 
 
-def _reference_pseudo_labels(logits: np.ndarray, valid: np.ndarray, share: float) -> np.ndarray:
+def _reference_pseudo_labels(logits: np.ndarray, valid: np.ndarray, share: float, threshold: float = 0.0) -> np.ndarray:
     """Scalar loops: softmax, argmax, entropy; per image the floor(share x valid) highest-entropy
-    valid pixels and every invalid pixel become 255."""
+    valid pixels, every pixel whose largest probability is below ``threshold`` and every invalid
+    pixel become 255."""
     n, c, h, w = logits.shape
     out = np.zeros((n, h, w), np.int64)
     for i in range(n):
@@ -85,6 +87,8 @@ def _reference_pseudo_labels(logits: np.ndarray, valid: np.ndarray, share: float
                 e = [math.exp(v - top) for v in z]
                 p = [v / sum(e) for v in e]
                 out[i, y, x] = max(range(c), key=lambda k: p[k])
+                if max(p) < threshold:
+                    out[i, y, x] = 255
                 if not valid[i, y, x]:
                     out[i, y, x] = 255
                 else:
@@ -104,6 +108,37 @@ def test_pseudo_labels_drop_the_highest_entropy_share_of_each_image(share):
     np.testing.assert_array_equal(got, _reference_pseudo_labels(logits, valid, share))
     kept = (got != 255).sum(axis=(1, 2))
     assert list(kept) == [v - int(math.floor(share * v)) for v in valid.sum(axis=(1, 2))]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_pseudo_labels_drop_the_pixels_below_the_confidence_threshold(threshold):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (2, 4, 6, 7)).astype(np.float32)
+    valid = rng.random((2, 6, 7)) > 0.2
+    got = pseudo_labels(torch.from_numpy(logits), torch.from_numpy(valid), 0.0, threshold=threshold).numpy()
+    want = _reference_pseudo_labels(logits, valid, 0.0, threshold)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < (want != 255).sum() < valid.sum()  # the threshold kept some valid pixels and dropped others
+
+
+def test_a_confidence_threshold_replaces_the_entropy_share():
+    config = SemiConfig(pseudo_ignore_start=0.2, pseudo_threshold=0.95)
+    assert ignore_share(config, 1) == 0.0
+
+
+def test_unsupervised_ce_dice_is_the_labelled_loss_over_the_used_pixels_times_their_share():
+    from segcore.losses import DiceCrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 5, 6))
+    labels[0, :3] = 255  # 18 of 60 pixels not used
+    got = unsupervised_ce_dice(logits, labels)
+    assert got.item() == pytest.approx(DiceCrossEntropy()(logits, labels).item() * 42 / 60, rel=1e-6)
+    got.backward()
+    assert logits.grad[0, :, :3].abs().max() == 0 and logits.grad.abs().sum() > 0
+    nothing = unsupervised_ce_dice(logits, torch.full_like(labels, 255))
+    assert nothing.item() == 0.0 and nothing.requires_grad
 
 
 def test_ignore_share_falls_linearly_to_zero():
@@ -234,6 +269,14 @@ def test_semi_options_without_unlabelled_data_are_refused(tmp_path, capsys):
     assert main([*argv, "--unlabeled-weight", "0.5"]) == 2
     assert "need --unlabeled-data-root" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-rampup", "5"]) == 2
+    assert "need --unlabeled-data-root" in capsys.readouterr().err
+    assert main([*argv, "--pseudo-threshold", "0.95"]) == 2
+    assert "need --unlabeled-data-root" in capsys.readouterr().err
+    assert main([*argv, "--unlabeled-data-root", str(tmp_path), "--pseudo-threshold", "1.5"]) == 2
+    assert "--pseudo-threshold 1.5: give a probability between 0 and 1" in capsys.readouterr().err
+    assert main([*argv, "--unlabeled-data-root", str(tmp_path), "--teacher-decay", "1"]) == 2
+    assert "--teacher-decay 1.0: give a value from 0 up to (not including) 1" in capsys.readouterr().err
+    assert main([*argv, "--unlabeled-loss", "ce_dice"]) == 2
     assert "need --unlabeled-data-root" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-data-root", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -124,6 +124,27 @@ def _add_semi_arguments(p: argparse.ArgumentParser) -> None:
         help="raise the unsupervised weight over EPOCHS epochs (Mean Teacher's sigmoid ramp-up; default 0: at once)",
     )
     p.add_argument(
+        "--pseudo-threshold",
+        type=float,
+        metavar="P",
+        help="keep only the pseudo-labelled pixels whose teacher confidence (largest softmax probability) is at "
+        "least P, e.g. 0.95 (FixMatch's rule), instead of OTX's rule (default: leave out the 20%% of each "
+        "image's pixels with the highest entropy, falling to 0%% over 100 epochs)",
+    )
+    p.add_argument(
+        "--unlabeled-loss",
+        choices=("ce", "ce_dice"),
+        help="the student's loss on the pseudo-labels: ce (cross-entropy, OTX's; the default) or ce_dice "
+        "(cross-entropy + soft Dice, the default labelled loss, which weights every class equally)",
+    )
+    p.add_argument(
+        "--teacher-decay",
+        type=float,
+        metavar="D",
+        help="the teacher's exponential moving average: teacher = D x teacher + (1 - D) x student after every "
+        "step (default 0.99: an average over about 100 steps)",
+    )
+    p.add_argument(
         "--unlabeled-batch-size",
         type=int,
         metavar="N",
@@ -214,13 +235,24 @@ def _semi_overrides(args: argparse.Namespace) -> dict | None:
         if args.unlabeled_rampup < 0:
             raise SegcoreError(f"--unlabeled-rampup {args.unlabeled_rampup}: give 0 or more epochs")
         semi["unlabeled_rampup_epochs"] = args.unlabeled_rampup
+    if args.pseudo_threshold is not None:
+        if not 0 < args.pseudo_threshold < 1:
+            raise SegcoreError(f"--pseudo-threshold {args.pseudo_threshold}: give a probability between 0 and 1")
+        semi["pseudo_threshold"] = args.pseudo_threshold
+    if args.unlabeled_loss is not None:
+        semi["unlabeled_loss"] = args.unlabeled_loss
+    if args.teacher_decay is not None:
+        if not 0 <= args.teacher_decay < 1:
+            raise SegcoreError(f"--teacher-decay {args.teacher_decay}: give a value from 0 up to (not including) 1")
+        semi["teacher_decay"] = args.teacher_decay
     if args.unlabeled_batch_size is not None:
         if args.unlabeled_batch_size < 1:
             raise SegcoreError(f"--unlabeled-batch-size {args.unlabeled_batch_size}: give at least 1")
         semi["unlabeled_batch_size"] = args.unlabeled_batch_size
     if semi and not args.unlabeled_data_root:
         raise SegcoreError(
-            "--unlabeled-weight, --unlabeled-rampup and --unlabeled-batch-size need --unlabeled-data-root"
+            "--unlabeled-weight, --unlabeled-rampup, --pseudo-threshold, --unlabeled-loss, --teacher-decay and "
+            "--unlabeled-batch-size need --unlabeled-data-root"
         )
     return semi or None
 
