@@ -78,6 +78,7 @@ class CrossEntropy(torch.nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = at_least_fp32(logits)  # the loss and its softmax in fp32 under autocast
         pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
         count = parallel.all_reduce_sum_((target != self.ignore_index).sum().float())
         return parallel.sum_across(pixel_loss.sum()) / count.clamp(min=1)
@@ -96,6 +97,7 @@ class MaxPoolingCrossEntropy(torch.nn.Module):
         self.ignore_index, self.ratio, self.p = ignore_index, ratio, p
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = at_least_fp32(logits)  # the loss and its softmax in fp32 under autocast
         pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
         losses = pixel_loss[target != self.ignore_index]
         everyone, start = parallel.gather_flat(losses)
@@ -118,30 +120,69 @@ class DiceCrossEntropy(torch.nn.Module):
         self.ignore_index, self.dice_weight, self.smooth = ignore_index, dice_weight, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # One log-softmax serves both terms, and the one-hot target is never built: the
-        # intersection adds each valid pixel's probability of its true class to that class, and
-        # the target's sums are a class count (at 512x512 x 11 classes x batch 8 this saved 0.15-0.2 GB
-        # of peak memory and about a tenth of a Lite-HRNet-18 training step against the textbook
-        # form the tests compare with).
-        logits = at_least_fp32(logits)
         classes = logits.shape[1]
         valid = target != self.ignore_index
-        safe = target.masked_fill(~valid, 0)
-        log_probs = F.log_softmax(logits, dim=1)
-        cross_entropy = F.nll_loss(log_probs, target, ignore_index=self.ignore_index, reduction="sum")
-        probs = log_probs.exp()
-        weights = valid.to(probs.dtype)
-        prob_sum = torch.einsum("nchw,nhw->c", probs, weights)
-        true_prob = log_probs.gather(1, safe.unsqueeze(1)).squeeze(1).exp() * weights
-        inter = torch.zeros(classes, dtype=probs.dtype, device=probs.device).index_add(
-            0, safe.reshape(-1), true_prob.reshape(-1)
-        )
-        true_sum = torch.bincount(safe[valid], minlength=classes).to(probs.dtype)
-        local = torch.cat([inter, prob_sum, true_sum, cross_entropy[None]])
-        sums = parallel.sum_across(local)  # over the global batch in data-parallel training
+        local = _DiceCrossEntropySums.apply(logits, target, self.ignore_index)
+        true_sum = torch.bincount(target[valid], minlength=classes).to(local.dtype)
+        sums = parallel.sum_across(torch.cat([local, true_sum]))  # over the global batch in data-parallel training
         count = parallel.all_reduce_sum_(valid.sum().float())
         if count == 0:
             return sums.sum() * 0.0
-        inter, prob_sum, true_sum = sums[:classes], sums[classes : 2 * classes], sums[2 * classes : 3 * classes]
+        inter, prob_sum = sums[:classes], sums[classes : 2 * classes]
+        cross_entropy, true_sum = sums[2 * classes], sums[2 * classes + 1 :]
         dice = (2 * inter + self.smooth) / (prob_sum + true_sum + self.smooth)
-        return sums[-1] / count + self.dice_weight * (1.0 - dice.mean())
+        return cross_entropy / count + self.dice_weight * (1.0 - dice.mean())
+
+
+class _DiceCrossEntropySums(torch.autograd.Function):
+    """(logits N x C x H x W, target N x H x W) -> one rank's sums over its valid pixels: per class
+    the probability of the true class (C), per class the probability (C), and the cross-entropy
+    (1), computed in fp32 (or float64) whatever the logits' dtype, with a hand-written backward
+    pass that returns the gradient in the logits' dtype. bf16 logits are read as they are: no fp32
+    copy of them exists beside the probabilities at the training's peak of memory.
+
+    Against the same sums built from autograd's ops this keeps one N x C x H x W tensor for the
+    backward pass instead of two, never builds a one-hot target, and takes about half the time
+    (``benchmarks/train_kernels.py``). With upstream gradients gI, gP (per class) and gCE, pixel i
+    of true class t and probabilities p gets
+
+        dz_k = p_k (gP_k + gCE - gI_t p_t - sum_c p_c gP_c) + [k = t] (gI_t p_t - gCE)
+
+    and an ignored pixel gets 0 (tests compare values and gradients with the textbook form).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        ctx.logits_dtype = logits.dtype
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        logits = logits.contiguous()  # the class dimension's fast kernels (class-last is 3-6x slower)
+        valid = target != ignore_index
+        safe = target.masked_fill(~valid, 0).unsqueeze(1)
+        weights = valid.to(dtype)
+        log_probs = F.log_softmax(logits, dim=1, dtype=dtype)
+        true_log_prob = log_probs.gather(1, safe).squeeze(1)
+        probs = log_probs.exp_()  # log_probs is not needed again: reuse its memory
+        cross_entropy = -(true_log_prob * weights).sum()
+        true_prob = true_log_prob.exp_().mul_(weights)
+        inter = torch.zeros(logits.shape[1], dtype=dtype, device=logits.device)
+        inter.index_add_(0, safe.reshape(-1), true_prob.reshape(-1))
+        every_pixel = bool(valid.all())
+        prob_sum = probs.sum((0, 2, 3)) if every_pixel else torch.einsum("nchw,nhw->c", probs, weights)
+        ctx.save_for_backward(probs, safe, valid)
+        ctx.every_pixel = every_pixel
+        return torch.cat([inter, prob_sum, cross_entropy[None]])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        probs, safe, valid = ctx.saved_tensors
+        classes = probs.shape[1]
+        g_inter, g_prob, g_ce = grad[:classes], grad[classes : 2 * classes], grad[2 * classes]
+        true_prob = probs.gather(1, safe).squeeze(1)
+        g_true = g_inter[safe.squeeze(1)] * true_prob  # gI_t p_t per pixel
+        per_pixel = (g_ce - torch.einsum("nchw,c->nhw", probs, g_prob)).sub_(g_true)
+        dz = probs * g_prob.view(1, classes, 1, 1)
+        dz.addcmul_(probs, per_pixel.unsqueeze(1))
+        dz.scatter_add_(1, safe, (g_true - g_ce).unsqueeze(1))
+        if not ctx.every_pixel:
+            dz.mul_(valid.unsqueeze(1))
+        return dz.to(ctx.logits_dtype), None, None

@@ -637,7 +637,8 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
         if extra is None:
             with state.autocast():
                 logits = state.net(images)
-            loss = criterion(devices.at_least_fp32(logits), masks)  # the loss (and its softmax) in fp32
+            loss = criterion(logits, masks)  # every loss computes (and its softmax) in fp32
+            del logits  # freed before the backward pass, which does not need it
         else:
             loss = _semi_loss(state, criterion, images, masks, extra, epoch, unsup, dtype)
         optimizer.zero_grad(set_to_none=True)

@@ -328,6 +328,24 @@ def test_channel_shuffle_keeps_the_memory_format(shape):
     assert torch.equal(nhwc, plain) and nhwc.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 20, 8, 6), (1, 3, 1, 1), (2, 2, 3, 1)])
+@pytest.mark.parametrize("order", [torch.contiguous_format, torch.channels_last])
+def test_concat_shuffle_equals_cat_then_shuffle_forward_and_backward(shape, order):
+    from segcore.models.litehrnet import channel_shuffle, concat_shuffle
+
+    torch.manual_seed(0)
+    whole = torch.randn(shape[0], 2 * shape[1], *shape[2:]).contiguous(memory_format=order)
+    first = whole.chunk(2, dim=1)[0].detach().requires_grad_()  # a view, as the blocks pass it
+    second = torch.randn(shape).contiguous(memory_format=order).requires_grad_()
+    a, b = first.detach().clone().requires_grad_(), second.detach().clone().requires_grad_()
+    got, want = concat_shuffle(first, second), channel_shuffle(torch.cat((a, b), dim=1), 2)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=order)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    assert torch.equal(first.grad, a.grad) and torch.equal(second.grad, b.grad)
+
+
 @pytest.mark.parametrize("size", [(8, 12), (7, 12)])
 @pytest.mark.parametrize("order", [torch.contiguous_format, torch.channels_last])
 def test_scale_by_equals_multiplying_by_the_nearest_upsampled_weights(size, order):
@@ -345,3 +363,32 @@ def test_scale_by_equals_multiplying_by_the_nearest_upsampled_weights(size, orde
             torch.autograd.grad(got, (x, w), grad), torch.autograd.grad(expected, (x, w), grad), strict=True
         )
     )
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype", "w_size"),
+    [
+        (torch.float64, torch.float64, (4, 3)),
+        (torch.bfloat16, torch.bfloat16, (2, 3)),
+        (torch.bfloat16, torch.float32, (2, 3)),
+        (torch.float64, torch.float64, (8, 12)),  # one weight per pixel: a plain product
+    ],
+)
+def test_scale_by_gradients_match_autograd_in_every_dtype(x_dtype, w_dtype, w_size):
+    """The hand-written backward pass (sum pooling for the weights' gradient) against autograd
+    through the nearest-upsampled product, in channels-last order, with mixed dtypes promoted as
+    PyTorch promotes them."""
+    from segcore.models.litehrnet import _scale_by
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, 12, dtype=x_dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.rand(2, 5, *w_size, dtype=w_dtype).requires_grad_()
+    expected = x * F.interpolate(w, size=(8, 12), mode="nearest")
+    got = _scale_by(x, w)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    grad = torch.randn_like(expected)
+    ours, theirs = torch.autograd.grad(got, (x, w), grad), torch.autograd.grad(expected, (x, w), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == b.dtype
+        tolerance = 1e-12 if a.dtype == torch.float64 else 2e-2 if a.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)

@@ -502,6 +502,53 @@ def test_ce_dice_loss_is_cross_entropy_plus_soft_dice_over_valid_pixels():
     assert logits.grad[0, :, :2].abs().max() == 0  # ignored pixels get no gradient
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ce_dice_hand_written_backward_equals_autograd_of_the_textbook_form(ignored, channels_last):
+    """The loss's own backward pass (float64, every pixel valid or some ignored, either memory
+    order) against autograd through softmax, one-hot and sums."""
+    from segcore.losses import DiceCrossEntropy
+
+    torch.manual_seed(1)
+    target = torch.randint(0, 5, (3, 6, 7))
+    if ignored:
+        target[0, :2] = 255
+        target[2, :, 3] = 255
+    logits = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 3
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    valid = target != 255
+    probs = theirs.softmax(1).permute(0, 2, 3, 1)[valid]
+    onehot = torch.nn.functional.one_hot(target[valid], 5).double()
+    dice = (2 * (probs * onehot).sum(0) + 1) / (probs.sum(0) + onehot.sum(0) + 1)
+    expected = torch.nn.functional.cross_entropy(theirs, target, ignore_index=255) + 0.7 * (1 - dice.mean())
+    loss = DiceCrossEntropy(dice_weight=0.7)(ours, target)
+    loss.backward()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-10, atol=1e-15)
+    if ignored:
+        assert ours.grad.permute(0, 2, 3, 1)[~valid].abs().max() == 0
+
+
+def test_ce_dice_reads_bf16_logits_as_an_fp32_copy_would_give_them():
+    """bf16 logits go into the loss as they are (no fp32 copy at the peak of memory): the loss and
+    the bf16 gradient equal those through an explicit fp32 copy exactly."""
+    from segcore.losses import DiceCrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 16, 16).bfloat16()
+    target = torch.randint(0, 5, (2, 16, 16))
+    target[0, :3] = 255
+    direct, copied = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss, expected = DiceCrossEntropy()(direct, target), DiceCrossEntropy()(copied.float(), target)
+    loss.backward()
+    expected.backward()
+    assert loss.dtype == torch.float32 and loss.item() == expected.item()
+    assert direct.grad.dtype == torch.bfloat16 and torch.equal(direct.grad, copied.grad)
+
+
 def test_kaiming_init_scales_convolutions_by_fan_out_and_keeps_the_classifier():
     from segcore.models import create_model, init_weights
 

@@ -32,6 +32,7 @@ __all__ = [
     "SpatialWeighting",
     "Stem",
     "channel_shuffle",
+    "concat_shuffle",
 ]
 
 
@@ -54,6 +55,19 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         pixels = x.permute(0, 2, 3, 1).unflatten(3, (groups, -1)).transpose(3, 4).reshape(n, h, w, c)
         return pixels.permute(0, 3, 1, 2)
     return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
+
+
+def concat_shuffle(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``channel_shuffle(torch.cat((first, second), dim=1), 2)``: the channels of two equal halves,
+    interleaved. Channels-last halves are interleaved in one copy (a stack on a new innermost
+    dimension) instead of a concatenation and a shuffle copy, which takes about half the time
+    forward and backward (``benchmarks/train_kernels.py``); the result is
+    channels-last. Contiguous halves, traces and exports take the plain concat and shuffle."""
+    if not _tracing() and first.dim() == 4 and first.shape == second.shape and first.stride(1) == second.stride(1) == 1:
+        n, c, h, w = first.shape
+        pixels = torch.stack((first.permute(0, 2, 3, 1), second.permute(0, 2, 3, 1)), dim=4)
+        return pixels.view(n, h, w, 2 * c).permute(0, 3, 1, 2)
+    return channel_shuffle(torch.cat((first, second), dim=1), 2)
 
 
 class ConvBNAct(nn.Sequential):
@@ -144,7 +158,7 @@ class Stem(nn.Module):
         x1, x2 = x.chunk(2, dim=1)
         x1 = self.branch1(x1)
         x2 = self.linear_conv(self.depthwise_conv(self.expand_conv(x2)))
-        return channel_shuffle(torch.cat((x1, x2), dim=1), 2)
+        return concat_shuffle(x1, x2)
 
 
 def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -172,8 +186,37 @@ def _scale_by(x: torch.Tensor, weights: torch.Tensor, broadcast: bool = True) ->
     rows, cols = weights.shape[-2:]
     if not broadcast or _tracing() or height % rows or width % cols:
         return x * F.interpolate(weights, size=(height, width), mode="nearest")
+    if (rows, cols) == (height, width):
+        return x * weights
+    return _BlockScale.apply(x, weights)
+
+
+def _times_blocks(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each ``weights`` pixel multiplies its block of ``x`` (sizes divide), through a broadcast view."""
+    (height, width), (rows, cols) = x.shape[-2:], weights.shape[-2:]
     blocks = x.unflatten(3, (cols, width // cols)).unflatten(2, (rows, height // rows))
     return (blocks * weights[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+
+
+class _BlockScale(torch.autograd.Function):
+    """``_times_blocks`` whose weight gradient is a sum pooling of ``grad * x`` (average pooling
+    with divisor 1, which has channels-last kernels) instead of autograd's reduction over the
+    broadcast dimensions, 2.5-8x slower in channels-last order (``benchmarks/train_kernels.py``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weights)
+        return _times_blocks(x, weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weights = ctx.saved_tensors
+        grad_x = _times_blocks(grad, weights).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            kernel = (x.shape[-2] // weights.shape[-2], x.shape[-1] // weights.shape[-1])
+            grad_w = F.avg_pool2d(grad * x, kernel, divisor_override=1).to(weights.dtype)
+        return grad_x, grad_w
 
 
 class CrossResolutionWeighting(nn.Module):
@@ -258,7 +301,7 @@ class LiteBlock(nn.Module):
         kept = [h[0] for h in halves]
         ys = self.cross_resolution_weighting([h[1] for h in halves])
         ys = [sw(dw(y)) for y, dw, sw in zip(ys, self.depthwise_convs, self.spatial_weighting, strict=True)]
-        return [channel_shuffle(torch.cat((k, y), dim=1), 2) for k, y in zip(kept, ys, strict=True)]
+        return [concat_shuffle(k, y) for k, y in zip(kept, ys, strict=True)]
 
 
 class LiteHRModule(nn.Module):

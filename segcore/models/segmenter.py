@@ -33,6 +33,10 @@ class Segmenter(nn.Module):
         argument of ``forward``, not a separate method, so NNCF's quantizer hooks run.)
         """
         logits = self.decode_head(self.backbone(x))
+        if not torch.jit.is_tracing():
+            # Channels-last training: full-size logits in channels-last order make the loss's
+            # softmax over the 11-odd classes 3-6x slower; the copy here is at the head's 1/16 size
+            logits = logits.contiguous()
         size = tuple(x.shape[-2:]) if size is None else size
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
