@@ -1,8 +1,9 @@
 """Training throughput and peak memory of `segcore train` on real data, side by side in one run:
-fp32 against bf16 autocast, channels-last against contiguous memory order, one process with 2
-threads against 2 data-parallel processes with 1 thread each (torchrun, gloo), and, when given its
-virtualenv, OTX 2.6 on the same crops and batch. Both memory orders are timed for one process;
-data-parallel rows use the first of --memory-formats only.
+fp32 against bf16 autocast, channels-last against contiguous memory order, glibc's mmap threshold
+(``SEGCORE_MMAP_THRESHOLD_MB``, --mmap-thresholds), one process with 2 threads against 2
+data-parallel processes with 1 thread each (torchrun, gloo), and, when given its virtualenv, OTX 2.6
+on the same crops and batch. Every memory order and threshold is timed for one process;
+data-parallel rows use the first of --memory-formats and of --mmap-thresholds only.
 
 Run by hand on an otherwise idle machine (about 25 minutes with OTX):
 
@@ -57,7 +58,9 @@ def subset(camvid: Path, work: Path, train_images: int, val_images: int) -> Path
     return target
 
 
-def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs: int, order: str, args) -> dict:
+def segcore_row(
+    dataset: Path, work: Path, template: str, precision: str, procs: int, order: str, mmap: str, args
+) -> dict:
     threads = max(1, args.cores // procs)
     out = work / "runs" / f"{template}-{precision}-{order}-{procs}x{threads}-{int(time.time())}"
     cmd = [sys.executable, "-m", "segcore.cli", "train", template, "--train-data-root", str(dataset),
@@ -66,14 +69,15 @@ def segcore_row(dataset: Path, work: Path, template: str, precision: str, procs:
            "--num-workers", str(args.num_workers), "--recipe", args.recipe, "--memory-format", order]  # fmt: skip
     if procs > 1:
         cmd += ["--nproc-per-node", str(procs)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SEGCORE_TRACKING": "off", "CI": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SEGCORE_TRACKING": "off", "CI": "true",
+           "SEGCORE_MMAP_THRESHOLD_MB": "" if mmap == "default" else mmap}  # fmt: skip
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     return {
         "engine": "segcore", "template": template, "recipe": args.recipe, "precision": precision,
-        "memory_format": order, "layout": f"{procs}x{threads}",
+        "memory_format": order, "mmap_threshold_mb": mmap, "layout": f"{procs}x{threads}",
         "img_per_s": round(records[-1]["img_per_s"], 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in records),
         "wall_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
@@ -102,6 +106,11 @@ def main() -> int:
     ap.add_argument("--templates", default="Lite-HRNet-18,Lite-HRNet-s-mod2")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--memory-formats", default="channels_last,contiguous", help="segcore train --memory-format values")
+    ap.add_argument(
+        "--mmap-thresholds",
+        default="default",
+        help="SEGCORE_MMAP_THRESHOLD_MB values (MiB; default or 0: glibc's own rule)",
+    )
     ap.add_argument("--procs", default="1,2", help="data-parallel processes per row (threads: cores / procs)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--input-size", default="512x512")
@@ -123,11 +132,12 @@ def main() -> int:
     rows = []
     for template in args.templates.split(","):
         for precision in args.precisions.split(","):
-            orders = args.memory_formats.split(",")
+            orders, mmaps = args.memory_formats.split(","), args.mmap_thresholds.split(",")
             for procs in (int(p) for p in args.procs.split(",")):
                 for order in orders if procs == 1 else orders[:1]:
-                    rows.append(segcore_row(dataset, work, template, precision, procs, order, args))
-                    print(json.dumps(rows[-1]), flush=True)
+                    for mmap in mmaps if procs == 1 else mmaps[:1]:
+                        rows.append(segcore_row(dataset, work, template, precision, procs, order, mmap, args))
+                        print(json.dumps(rows[-1]), flush=True)
         row = otx_row(template, args)
         if row:
             rows.append(row)
@@ -138,11 +148,12 @@ def main() -> int:
         for row in rows:
             f.write(json.dumps({**stamp, **row}) + "\n")
     print(f"\n{machine}; {args.input_size}, global batch {args.global_batch}")
-    print(f"{'engine':<9} {'template':<19} {'precision':<9} {'memory':<13} {'procs x threads':<15} {'img/s':>6} "
-          f"{'peak RSS MB':>11}")  # fmt: skip
+    print(f"{'engine':<9} {'template':<19} {'precision':<9} {'memory':<13} {'mmap MB':>7} {'procs x threads':<15} "
+          f"{'img/s':>6} {'peak RSS MB':>11}")  # fmt: skip
     for r in rows:
         print(f"{r['engine']:<9} {r['template']:<19} {r['precision']:<9} {r.get('memory_format', ''):<13} "
-              f"{r['layout']:<15} {r['img_per_s']:>6.2f} {r['peak_rss_mb']:>11}")  # fmt: skip
+              f"{r.get('mmap_threshold_mb', ''):>7} {r['layout']:<15} {r['img_per_s']:>6.2f} "
+              f"{r['peak_rss_mb']:>11}")  # fmt: skip
     return 0
 
 

@@ -480,6 +480,8 @@ def _initial_state(
     device = parallel.device_for(devices.resolve_device(config.device), w)
     precision = devices.resolve_precision(config.precision, device)
     memory_format = devices.resolve_memory_format(config.memory_format, device)
+    if device.type == "cpu":
+        devices.limit_heap_retention()  # only when SEGCORE_MMAP_THRESHOLD_MB asks for it
     if initial_model is not None:
         model = initial_model
     else:

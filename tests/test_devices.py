@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import platform
 import sys
 
 import pytest
@@ -57,6 +58,43 @@ def test_memory_format_resolution():
     assert devices.resolve_memory_format("Contiguous", torch.device("cpu")) == "contiguous"
     with pytest.raises(SegcoreError, match="--memory-format 'nhwc': expected auto, channels_last or contiguous"):
         devices.resolve_memory_format("nhwc", torch.device("cpu"))
+
+
+def test_heap_retention_limit_sets_glibcs_mmap_threshold(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("SEGCORE_MMAP_THRESHOLD_MB", raising=False)
+    assert devices.limit_heap_retention() == 0 and calls == []  # glibc's own rule unless asked
+    monkeypatch.setenv("SEGCORE_MMAP_THRESHOLD_MB", "4")
+    assert devices.limit_heap_retention() == 4 << 20 and calls == [(-3, 4 << 20)]  # M_MMAP_THRESHOLD
+    monkeypatch.setenv("SEGCORE_MMAP_THRESHOLD_MB", "0.5")
+    assert devices.limit_heap_retention() == 1 << 19 and calls[-1] == (-3, 1 << 19)
+    monkeypatch.setenv("SEGCORE_MMAP_THRESHOLD_MB", "0")
+    assert devices.limit_heap_retention() == 0 and len(calls) == 2
+    monkeypatch.setenv("SEGCORE_MMAP_THRESHOLD_MB", "lots")
+    with pytest.raises(SegcoreError, match="SEGCORE_MMAP_THRESHOLD_MB='lots'"):
+        devices.limit_heap_retention()
+    monkeypatch.setenv("SEGCORE_MMAP_THRESHOLD_MB", "4")
+    monkeypatch.setattr(devices.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert devices.limit_heap_retention() == 0  # not glibc: left alone
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"), reason="glibc only")
+def test_heap_retention_limit_is_accepted_by_glibc():
+    import os
+    import subprocess
+
+    code = "from segcore import devices; print(devices.limit_heap_retention())"  # in its own process
+    env = {**os.environ, "SEGCORE_MMAP_THRESHOLD_MB": "4"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout.strip().splitlines()[-1]) == 4 << 20
 
 
 def test_channels_last_training_step_matches_contiguous():
