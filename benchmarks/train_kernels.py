@@ -1,4 +1,4 @@
-"""Three training kernels against the autograd forms they replace, forward + backward, at the sizes of
+"""Four training kernels against the autograd forms they replace, forward + backward, at the sizes of
 a Lite-HRNet-18 training step (512x512 crops, batch 8, CamVid's 11 classes).
 
 Run by hand on an otherwise idle machine:
@@ -14,6 +14,9 @@ Run by hand on an otherwise idle machine:
 - ``scale_by``: the cross-resolution weighting's product of a branch with its block-wise weights
   (``segcore.models.litehrnet._scale_by``, a hand-written backward pass) against autograd through
   the same broadcast product (what segcore used up to 2026-12-03), channels-last, fp32 and bf16.
+- ``depthwise_s2``: a strided depthwise 3x3 convolution under bf16 autocast,
+  ``segcore.models.litehrnet.DepthwiseConv2d`` (the input's gradient from fp32) against
+  ``nn.Conv2d`` (oneDNN's bf16 backward), at the shapes of Lite-HRNet-18's fuse layers.
 
 Prints the best of --repeats timings (ms) of each form and their ratio, with the CPU's flags.
 """
@@ -136,6 +139,31 @@ def scale_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def depthwise_rows(repeats: int) -> list[dict]:
+    from segcore.models.litehrnet import DepthwiseConv2d
+
+    rows = []
+    for channels, size in ((32, 256), (40, 128), (80, 64), (160, 32)):
+        ours = DepthwiseConv2d(channels, channels, 3, 2, 1, groups=channels, bias=False)
+        plain = torch.nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False)
+        plain.load_state_dict(ours.state_dict())
+        x = torch.randn(8, channels, size, size).contiguous(memory_format=torch.channels_last).bfloat16()
+        grad = torch.randn(8, channels, size // 2, size // 2).contiguous(memory_format=torch.channels_last).bfloat16()
+        timed = {}
+        for name, conv in (("autograd", plain), ("segcore", ours)):
+            conv.to(memory_format=torch.channels_last)
+
+            def step(conv=conv, x=x, grad=grad):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = conv(x.detach().requires_grad_())
+                out.backward(grad)
+
+            timed[name] = best_ms(step, repeats)
+        rows.append({"kernel": "depthwise_s2", "shape": f"8x{channels}x{size}x{size}", "dtype": "bf16",
+                     "order": "channels_last", **timed})  # fmt: skip
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -144,7 +172,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"# {cpu()}; {args.threads} threads; forward + backward, best of {args.repeats}, ms")
     print(f"{'kernel':<15} {'shape':<26} {'dtype':<9} {'order':<14} {'before':>8} {'segcore':>8} {'ratio':>6}")
-    for row in loss_rows(args.repeats) + shuffle_rows(args.repeats) + scale_rows(args.repeats):
+    for row in [
+        *loss_rows(args.repeats),
+        *shuffle_rows(args.repeats),
+        *scale_rows(args.repeats),
+        *depthwise_rows(args.repeats),
+    ]:
         row["ratio"] = round(row["segcore"] / row["autograd"], 2)
         print(f"{row['kernel']:<15} {row['shape']:<26} {row['dtype']:<9} {row['order']:<14} "
               f"{row['autograd']:>8.1f} {row['segcore']:>8.1f} {row['ratio']:>6.2f}")  # fmt: skip

@@ -392,3 +392,32 @@ def test_scale_by_gradients_match_autograd_in_every_dtype(x_dtype, w_dtype, w_si
         assert a.dtype == b.dtype
         tolerance = 1e-12 if a.dtype == torch.float64 else 2e-2 if a.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv_in_bf16_autocast_matches_the_plain_convolution(stride):
+    """A strided depthwise convolution under CPU bf16 autocast takes its own backward pass (the
+    input's gradient from fp32): the output and the weights' gradient equal plain autocast's
+    exactly; the input's gradient is the float64 one rounded to bf16."""
+    from segcore.models.litehrnet import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    ours = DepthwiseConv2d(6, 6, 3, stride, 1, groups=6, bias=False).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(6, 6, 3, stride, 1, groups=6, bias=False).to(memory_format=torch.channels_last)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 16, 12).contiguous(memory_format=torch.channels_last).bfloat16()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(a), plain(b)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    assert torch.equal(ours.weight.grad, plain.weight.grad)
+    reference = torch.nn.grad.conv2d_input(
+        x.shape, ours.weight.double().bfloat16().double(), grad.double(), stride, 1, 1, 6
+    )
+    assert a.grad.dtype == torch.bfloat16 and a.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a.grad.double(), reference.bfloat16().double(), rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # outside autocast, in fp32: the plain convolution
+        assert torch.equal(ours(x.float()), plain(x.float()))

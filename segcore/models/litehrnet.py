@@ -70,6 +70,56 @@ def concat_shuffle(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return channel_shuffle(torch.cat((first, second), dim=1), 2)
 
 
+def _bf16_autocast_on_cpu(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` (same parameters, same function). In a bf16 training on the CPU,
+    a strided one computes its input's gradient in fp32 and rounds it to bf16: oneDNN's bf16
+    kernel for the backward data pass of a strided depthwise convolution was 4-24x slower than the
+    fp32 one here (``benchmarks/train_kernels.py``); everything else stays bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1) or not torch.is_grad_enabled() or _tracing() or not _bf16_autocast_on_cpu(x):
+            return super().forward(x)
+        weight = self.weight.to(torch.bfloat16)  # the cast autocast would make
+        out = _StridedDepthwise.apply(x.to(torch.bfloat16), weight, self.stride, self.padding, self.groups)
+        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+
+
+class _StridedDepthwise(torch.autograd.Function):
+    """bf16 convolution forward; backward: the input's gradient from an fp32 pass, the weights'
+    from the bf16 kernel (which is fast)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.config = (stride, padding, groups)
+        return F.conv2d(x, weight, None, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, groups = ctx.config
+        conv_backward = torch.ops.aten.convolution_backward
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv_backward(
+                grad.float(), x.float(), weight.float(), None, stride, padding, (1, 1), False, (0, 0), groups,
+                (True, False, False),
+            )[0].to(x.dtype)  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            grad_w = conv_backward(
+                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), groups, (False, True, False)
+            )[1]
+        return grad_x, grad_w, None, None, None
+
+
 class ConvBNAct(nn.Sequential):
     """Conv2d, optional BatchNorm, optional activation (mmcv ``ConvModule`` layout).
 
@@ -87,7 +137,8 @@ class ConvBNAct(nn.Sequential):
         act: type[nn.Module] | None = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
+        depthwise = groups > 1 and groups == in_channels == out_channels
+        self.conv = (DepthwiseConv2d if depthwise else nn.Conv2d)(
             in_channels,
             out_channels,
             kernel_size,
@@ -105,7 +156,7 @@ class ConvBNAct(nn.Sequential):
 def _dw_pw(in_channels: int, out_channels: int, stride: int, relu: bool) -> nn.Sequential:
     """Depthwise 3x3 + BN, pointwise 1x1 + BN (+ ReLU): the transition and fuse building block."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
+        DepthwiseConv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
         nn.BatchNorm2d(in_channels),
         nn.Conv2d(in_channels, out_channels, 1, bias=False),
         nn.BatchNorm2d(out_channels),
