@@ -80,12 +80,17 @@ def _bf16_autocast_on_cpu(x: torch.Tensor) -> bool:
 
 class DepthwiseConv2d(nn.Conv2d):
     """A depthwise ``nn.Conv2d`` (same parameters, same function). In a bf16 training on the CPU,
-    a strided one computes its input's gradient in fp32 and rounds it to bf16: oneDNN's bf16
-    kernel for the backward data pass of a strided depthwise convolution was 4-24x slower than the
-    fp32 one here (``benchmarks/train_kernels.py``); everything else stays bf16."""
+    a strided one on inputs of up to 128x128 pixels computes its input's gradient in fp32 and
+    rounds it to bf16: oneDNN's bf16 kernel for the backward data pass of a strided depthwise
+    convolution was 3.5-12x slower than this at those sizes here (``benchmarks/train_kernels.py``);
+    at 256x256 the fp32 detour (two conversions of a large tensor) was 2x slower, so larger inputs
+    keep the bf16 kernel. Everything else stays bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == (1, 1) or not torch.is_grad_enabled() or _tracing() or not _bf16_autocast_on_cpu(x):
+        small = x.shape[-2] * x.shape[-1] <= 128 * 128
+        if self.stride == (1, 1) or not small or not torch.is_grad_enabled() or _tracing():
+            return super().forward(x)
+        if not _bf16_autocast_on_cpu(x):
             return super().forward(x)
         weight = self.weight.to(torch.bfloat16)  # the cast autocast would make
         out = _StridedDepthwise.apply(x.to(torch.bfloat16), weight, self.stride, self.padding, self.groups)
