@@ -88,7 +88,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.shape[-2] * x.shape[-1] <= 128 * 128
-        if self.stride == (1, 1) or not small or not torch.is_grad_enabled() or _tracing():
+        plain = self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str)
+        if plain or self.stride == (1, 1) or not small or not torch.is_grad_enabled() or _tracing():
             return super().forward(x)
         if not _bf16_autocast_on_cpu(x):
             return super().forward(x)
