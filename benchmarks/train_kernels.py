@@ -65,6 +65,19 @@ def best_ms(fn, repeats: int) -> float:
     return min(times) * 1000
 
 
+def time_forms(forms, first: torch.Tensor, second: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict:
+    """Best forward + backward time (ms) of each (name, form(first, second)), inputs as fresh leaves."""
+    timed = {}
+    for name, form in forms:
+
+        def step(form=form):
+            a, b = first.detach().requires_grad_(), second.detach().requires_grad_()
+            form(a, b).backward(grad)
+
+        timed[name] = best_ms(step, repeats)
+    return timed
+
+
 def loss_rows(repeats: int) -> list[dict]:
     from segcore.losses import DiceCrossEntropy
 
@@ -98,18 +111,11 @@ def shuffle_rows(repeats: int) -> list[dict]:
             kept = whole.chunk(2, dim=1)[0]  # a view of the block's input, as in the network
             branch = torch.randn_like(kept).contiguous(memory_format=torch.channels_last)
             grad = torch.randn_like(whole)
-            timed = {}
             forms = (
                 ("autograd", lambda a, b: channel_shuffle(torch.cat((a, b), dim=1), 2)),
                 ("segcore", concat_shuffle),
             )
-            for name, form in forms:
-
-                def step(form=form, kept=kept, branch=branch, grad=grad):
-                    a, b = kept.detach().requires_grad_(), branch.detach().requires_grad_()
-                    form(a, b).backward(grad)
-
-                timed[name] = best_ms(step, repeats)
+            timed = time_forms(forms, kept, branch, grad, repeats)
             shape = f"2x 8x{channels}x{size}x{size}"
             rows.append({"kernel": "concat_shuffle", "shape": shape, "dtype": NAMES[dtype],
                          "order": "channels_last", **timed})  # fmt: skip
@@ -125,14 +131,7 @@ def scale_rows(repeats: int) -> list[dict]:
             x = torch.randn(8, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
             w = torch.rand(8, channels, rows_cols, rows_cols, dtype=dtype).contiguous(memory_format=torch.channels_last)
             grad = torch.randn_like(x)
-            timed = {}
-            for name, form in (("autograd", _times_blocks), ("segcore", _scale_by)):
-
-                def step(form=form, x=x, w=w, grad=grad):
-                    a, b = x.detach().requires_grad_(), w.detach().requires_grad_()
-                    form(a, b).backward(grad)
-
-                timed[name] = best_ms(step, repeats)
+            timed = time_forms((("autograd", _times_blocks), ("segcore", _scale_by)), x, w, grad, repeats)
             shape = f"8x{channels}x{size}x{size} by {rows_cols}x{rows_cols}"
             rows.append({"kernel": "scale_by", "shape": shape, "dtype": NAMES[dtype],
                          "order": "channels_last", **timed})  # fmt: skip
