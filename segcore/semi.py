@@ -16,6 +16,10 @@ given (``segcore train ... --unlabeled-data-root DIR``).
   "ce_dice" it is the labelled loss (cross-entropy + soft Dice, which weights every class
   equally) over the used pixels, times the share used. The first
   ``unlabeled_start_epoch - 1`` epochs use labelled data only.
+- With ``unlabeled_mix`` "cutmix" (French et al., BMVC 2020: "Semi-supervised semantic
+  segmentation needs strong, varied perturbations"), each strong view takes a rectangle of half its
+  area from the next unlabelled image of the batch, and its pseudo-labels take the same rectangle
+  from that image's pseudo-labels: the teacher labels unmixed views, the student learns on mixed ones.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class SemiConfig:
     cutout_p: float = 0.35
     cutout_holes: tuple[int, int] = (1, 8)
     cutout_size: tuple[float, float] = (0.2, 0.4)  # of the crop's height and width
+    unlabeled_mix: str = "none"  # "none" or "cutmix" (between the strong views of a batch)
+
+
+MIXES = ("none", "cutmix")
 
 
 def unlabeled_weight(config: SemiConfig, epoch: int) -> float:
@@ -141,6 +149,29 @@ def strong_view(image: np.ndarray, config: SemiConfig, rng: np.random.Generator)
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             out[y : y + ch, x : x + cw] = np.array(MEAN, np.float32).round().astype(np.uint8)
     return out
+
+
+def cutmix_boxes(count: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """One rectangle per image (``count`` x H x W booleans): half the area (rounded to whole
+    pixels), an aspect ratio drawn log-uniformly from 1/2 to 2, at a uniform random position."""
+    boxes = np.zeros((count, height, width), bool)
+    for i in range(count):
+        ratio = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # box height / box width
+        box_h = min(height, max(1, round(math.sqrt(0.5 * height * width * ratio))))
+        box_w = min(width, max(1, round(0.5 * height * width / box_h)))
+        y, x = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
+        boxes[i, y : y + box_h, x : x + box_w] = True
+    return boxes
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inside image i's box, its pixels (N, C, H, W) and labels (N, H, W) are those of image
+    (i + 1) mod N; elsewhere they are its own."""
+    box = torch.from_numpy(boxes).to(images.device)
+    mixed = torch.where(box[:, None], images.roll(-1, 0), images)
+    if not images.is_contiguous():  # channels-last batches stay channels-last
+        mixed = mixed.contiguous(memory_format=torch.channels_last)
+    return mixed, torch.where(box, labels.roll(-1, 0), labels)
 
 
 def image_digest(image: np.ndarray) -> str:

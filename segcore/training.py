@@ -642,7 +642,7 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
             loss = criterion(logits, masks)  # every loss computes (and its softmax) in fp32
             del logits  # freed before the backward pass, which does not need it
         else:
-            loss = _semi_loss(state, criterion, images, masks, extra, epoch, unsup, dtype)
+            loss = _semi_loss(state, criterion, images, masks, extra, epoch, unsup, dtype, config.seed)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -664,12 +664,17 @@ def _train_pass(config: TrainConfig, state: _State, criterion, loader, epoch: in
     return loss_sum / max(seen, 1), seen, extras
 
 
-def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup: dict, dtype) -> torch.Tensor:
+def _semi_loss(
+    state: _State, criterion, images, masks, extra, epoch: int, unsup: dict, dtype, seed: int
+) -> torch.Tensor:
     """The labelled loss plus the weighted unsupervised loss of one step. The student sees the
     labelled images and the strong views in one forward pass (one batch-norm batch, one DDP call);
-    the teacher labels the weak views."""
+    the teacher labels the weak views. CutMix's rectangles are drawn from (seed, epoch, step, rank),
+    so a resumed run mixes alike."""
     from segcore.semi import (
         IGNORE,
+        cutmix,
+        cutmix_boxes,
         ignore_share,
         pseudo_labels,
         unlabeled_weight,
@@ -683,6 +688,9 @@ def _semi_loss(state: _State, criterion, images, masks, extra, epoch: int, unsup
         teacher_logits = state.ema.model(weak)
     share, threshold = ignore_share(state.semi, epoch), state.semi.pseudo_threshold
     labels = pseudo_labels(devices.at_least_fp32(teacher_logits), valid, share, threshold=threshold)
+    if state.semi.unlabeled_mix == "cutmix" and len(strong) > 1:
+        rng = np.random.default_rng([seed, epoch, unsup["steps"], state.world.rank, 3])
+        strong, labels = cutmix(strong, labels, cutmix_boxes(len(strong), *labels.shape[1:], rng))
     with state.autocast():
         logits = state.net(torch.cat([images, strong]))
     logits = devices.at_least_fp32(logits)

@@ -25,6 +25,8 @@ from segcore.semi import (
     SemiConfig,
     UnlabeledBatches,
     UnlabeledDataset,
+    cutmix,
+    cutmix_boxes,
     ignore_share,
     list_unlabeled,
     pseudo_labels,
@@ -139,6 +141,40 @@ def test_unsupervised_ce_dice_is_the_labelled_loss_over_the_used_pixels_times_th
     assert logits.grad[0, :, :3].abs().max() == 0 and logits.grad.abs().sum() > 0
     nothing = unsupervised_ce_dice(logits, torch.full_like(labels, 255))
     assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (24, 40), (7, 5)])
+def test_cutmix_boxes_are_rectangles_of_half_the_area(height, width):
+    rng = np.random.default_rng(0)
+    boxes = cutmix_boxes(20, height, width, rng)
+    assert boxes.shape == (20, height, width) and boxes.dtype == bool
+    for box in boxes:
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        assert box.sum() == len(rows) * len(cols)  # a filled rectangle
+        assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)) and np.array_equal(
+            cols, np.arange(cols[0], cols[-1] + 1)
+        )
+        assert abs(box.sum() - 0.5 * height * width) <= max(height, width)  # half the area, up to rounding
+    assert len({b.tobytes() for b in boxes}) > (10 if height * width > 100 else 3)  # positions and shapes vary
+    assert np.array_equal(boxes, cutmix_boxes(20, height, width, np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cutmix_takes_the_box_from_the_next_image_for_pixels_and_labels_alike(channels_last):
+    rng = np.random.default_rng(1)
+    images = torch.randn(3, 2, 6, 5)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.from_numpy(rng.integers(0, 4, (3, 6, 5)))
+    boxes = cutmix_boxes(3, 6, 5, rng)
+    mixed, mixed_labels = cutmix(images, labels, boxes)
+    for i in range(3):
+        for y in range(6):
+            for x in range(5):
+                source = (i + 1) % 3 if boxes[i, y, x] else i
+                assert torch.equal(mixed[i, :, y, x], images[source, :, y, x])
+                assert mixed_labels[i, y, x] == labels[source, y, x]
+    assert mixed.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_ignore_share_falls_linearly_to_zero():
@@ -284,7 +320,8 @@ def test_semi_options_without_unlabelled_data_are_refused(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_semi_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("mix", ["none", "cutmix"])
+def test_semi_resume_continues_exactly(tmp_path, mix):
     """Two epochs, then a resume to three, equal one run of three: student, teacher, optimizer."""
     from segcore.data.convert import convert
     from segcore.semi import list_unlabeled
@@ -295,7 +332,7 @@ def test_semi_resume_continues_exactly(tmp_path):
     files = list_unlabeled(photos)
     config = TrainConfig.from_template(
         "Lite-HRNet-s-mod2", epochs=3, batch_size=4, input_size=(32, 32), num_workers=0, precision="fp32",
-        semi={"unlabeled_batch_size": 3},
+        semi={"unlabeled_batch_size": 3, "unlabeled_mix": mix},
     )  # fmt: skip
     train(config, tmp_path / "ds", tmp_path / "whole", unlabeled=files)
     train(replace(config, epochs=2), tmp_path / "ds", tmp_path / "parts", unlabeled=files)
@@ -311,6 +348,28 @@ def test_semi_resume_continues_exactly(tmp_path):
     assert a["ema"]["updates"] == b["ema"]["updates"]
     lines = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["val_mdice"] for r in lines(tmp_path / "whole")] == [r["val_mdice"] for r in lines(tmp_path / "parts")]
+
+
+def test_cutmix_changes_what_the_student_learns_from(tmp_path):
+    """The option reaches the training step: same seed and data, with and without CutMix, the
+    unsupervised losses of epoch 2 (the first with unlabelled data) differ."""
+    from segcore.data.convert import convert
+    from segcore.semi import list_unlabeled
+    from segcore.training import TrainConfig, train
+
+    labelled, photos = _data(tmp_path)
+    convert(labelled.root, tmp_path / "ds")
+    losses = {}
+    for mix in ("none", "cutmix"):
+        config = TrainConfig.from_template(
+            "Lite-HRNet-s-mod2", epochs=2, batch_size=4, input_size=(32, 32), num_workers=0, precision="fp32",
+            semi={"unlabeled_batch_size": 3, "unlabeled_mix": mix},
+        )  # fmt: skip
+        train(config, tmp_path / "ds", tmp_path / mix, unlabeled=list_unlabeled(photos))
+        records = [json.loads(x) for x in (tmp_path / mix / "metrics.jsonl").read_text().splitlines()]
+        assert records[0]["train_unsup_loss"] == 0.0 < records[1]["train_unsup_loss"]
+        losses[mix] = records[1]["train_unsup_loss"]
+    assert losses["none"] != losses["cutmix"]
 
 
 def test_semi_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):

@@ -145,6 +145,13 @@ def _add_semi_arguments(p: argparse.ArgumentParser) -> None:
         "step (default 0.99: an average over about 100 steps)",
     )
     p.add_argument(
+        "--unlabeled-mix",
+        choices=("none", "cutmix"),
+        help="none (the default) or cutmix: each strongly augmented unlabelled view takes a rectangle of half its "
+        "area, and its pseudo-labels the same rectangle, from the next unlabelled image of the batch (French et "
+        "al., 2020)",
+    )
+    p.add_argument(
         "--unlabeled-batch-size",
         type=int,
         metavar="N",
@@ -245,14 +252,16 @@ def _semi_overrides(args: argparse.Namespace) -> dict | None:
         if not 0 <= args.teacher_decay < 1:
             raise SegcoreError(f"--teacher-decay {args.teacher_decay}: give a value from 0 up to (not including) 1")
         semi["teacher_decay"] = args.teacher_decay
+    if args.unlabeled_mix is not None:
+        semi["unlabeled_mix"] = args.unlabeled_mix
     if args.unlabeled_batch_size is not None:
         if args.unlabeled_batch_size < 1:
             raise SegcoreError(f"--unlabeled-batch-size {args.unlabeled_batch_size}: give at least 1")
         semi["unlabeled_batch_size"] = args.unlabeled_batch_size
     if semi and not args.unlabeled_data_root:
         raise SegcoreError(
-            "--unlabeled-weight, --unlabeled-rampup, --pseudo-threshold, --unlabeled-loss, --teacher-decay and "
-            "--unlabeled-batch-size need --unlabeled-data-root"
+            "--unlabeled-weight, --unlabeled-rampup, --pseudo-threshold, --unlabeled-loss, --teacher-decay, "
+            "--unlabeled-mix and --unlabeled-batch-size need --unlabeled-data-root"
         )
     return semi or None
 
