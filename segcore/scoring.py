@@ -74,16 +74,23 @@ def score_split(predictor, dataset_root: str | Path, split: str, progress: bool 
     return score_items(predictor.predict, split_items(dataset_root, split), predictor.labels, ignore, progress)
 
 
-def measure_latency(predict: Callable[[np.ndarray], object], images: Sequence[np.ndarray], repeats: int = 3) -> float:
-    """Median milliseconds of one ``predict(image)`` on real images, pre- and post-processing
-    included (after one warm-up call): what a user of ``segcore predict`` waits per image."""
-    if not images:
-        return 0.0
-    predict(images[0])
+def latency_samples(predict: Callable[[np.ndarray], object], images: Sequence[np.ndarray], repeats: int = 3) -> list:
+    """Milliseconds of each ``predict(image)`` call, ``repeats`` passes over ``images`` (no warm-up)."""
     times = []
     for _ in range(repeats):
         for image in images:
             started = time.perf_counter()
             predict(image)
             times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def measure_latency(predict: Callable[[np.ndarray], object], images: Sequence[np.ndarray], repeats: int = 3) -> float:
+    """Median milliseconds of one ``predict(image)`` on real images, pre- and post-processing
+    included (after one warm-up call): what a user of ``segcore predict`` waits per image. Every
+    latency segcore reports (export, optimize, eval, the pipeline, benchmarks/bench_deploy.py) is
+    this figure."""
+    if not images:
+        return 0.0
+    predict(images[0])
+    return statistics.median(latency_samples(predict, images, repeats))

@@ -390,3 +390,21 @@ def test_export_traces_the_plain_shuffle_and_interpolate_whatever_the_input_stri
     # plus the input's NHWC -> NCHW permute
     assert counts["Transpose"] == len(calls) + 1 and len(calls) > 0
     assert counts["Interpolate"] >= sum(len(m.channels) - 1 for m in blocks) > 0
+
+
+def test_latency_is_the_median_of_single_predict_calls_after_one_warm_up(monkeypatch):
+    """The one latency figure (export, optimize, eval, the pipeline, bench_deploy.py): the median of
+    single predict(image) calls on the given images, the warm-up call left out."""
+    from segcore import scoring
+
+    clock = {"ms": 0.0, "calls": 0}
+
+    def predict(cost):  # each "image" is the milliseconds its prediction takes
+        clock["ms"] += cost
+        clock["calls"] += 1
+
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: clock["ms"] / 1000)
+    assert scoring.latency_samples(predict, [1.0, 5.0, 3.0], repeats=2) == pytest.approx([1, 5, 3, 1, 5, 3])
+    clock["calls"] = 0
+    assert scoring.measure_latency(predict, [100.0, 5.0, 3.0, 4.0], repeats=1) == pytest.approx(4.5)
+    assert clock["calls"] == 5  # the warm-up call (100 ms) is not a sample
