@@ -17,6 +17,7 @@ def validate(
     report: Output[HTML],
     label: str = "fp32",
     min_dice: float = 0.0,
+    reference_dice: float = -1.0,
     num_overlays: int = 4,
     finish_pipeline_run: bool = False,
     tracking: bool = True,
@@ -27,8 +28,10 @@ def validate(
     """Dice and IoU (mean and per class) on the dataset's val split, each image at its own size.
 
     label names the model in the run and the parent's metrics ("fp32", "int8"); min_dice > 0 fails
-    the step below it (a quality gate); finish_pipeline_run: this is the last step (it marks the
-    MLflow parent run finished)."""
+    the step below it (a quality gate); reference_dice >= 0: the mean Dice of the model this one was
+    made from (the INT8 step gets the FP32 step's), and the step also reports ``dice_drop`` =
+    reference_dice - mean Dice; finish_pipeline_run: this is the last step (it marks the MLflow
+    parent run finished)."""
     from collections import namedtuple
 
     from components import common
@@ -41,13 +44,16 @@ def validate(
             model.path, dataset.path, split="val", html=report.path, overlays=num_overlays,
             run_name=f"validate {label}", tags={"segcore.model": label}, tracking=options,
         )  # fmt: skip
-        update_parent(
-            options, metrics={f"{label}_val_dice": scores["mdice"], f"{label}_latency_ms": scores["latency_ms"]}
-        )
+        parent = {f"{label}_val_dice": scores["mdice"], f"{label}_latency_ms": scores["latency_ms"]}
+        if reference_dice >= 0:
+            parent[f"{label}_dice_drop"] = reference_dice - scores["mdice"]
+        update_parent(options, metrics=parent)
         if scores["mdice"] < min_dice:
             raise ValueError(f"mean Dice {scores['mdice']:.4f} is below the required {min_dice:.4f}")
     summary = {"mean_dice": scores["mdice"], "mean_iou": scores["miou"], "latency_ms": scores["latency_ms"],
                "num_images": scores["num_images"]}  # fmt: skip
+    if reference_dice >= 0:
+        summary["dice_drop"] = reference_dice - scores["mdice"]
     summary.update({f"dice_{k}": v["dice"] for k, v in scores["per_class"].items() if v["dice"] is not None})
     for name, value in summary.items():
         metrics.log_metric(name, value)

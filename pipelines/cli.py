@@ -364,7 +364,8 @@ def run_local(args: argparse.Namespace) -> int:
     ok = sum(status == "SUCCEEDED" for status in result.tasks.values())
     print(f"pipeline finished: {ok}/{len(result.tasks)} tasks succeeded in {result.seconds:.0f}s")
     print(f"  FP32 model: val mean Dice {summary['fp32_mean_dice']:.4f}")
-    print(f"  INT8 model: val mean Dice {summary['int8_mean_dice']:.4f}")
+    drop = summary["fp32_mean_dice"] - summary["int8_mean_dice"]
+    print(f"  INT8 model: val mean Dice {summary['int8_mean_dice']:.4f} (drop {drop:+.4f})")
     print(f"task outputs: {result.run_dir}")
     print(f"  reports: {summary['reports']['fp32']}, {summary['reports']['int8']}")
     if result.tracking_uri:

@@ -10,7 +10,8 @@
 - validate (FP32): bundle + Dataset -> Metrics, ClassificationMetrics, HTML; ``min_dice`` gates export
 - export: bundle -> FP32 IR (Model)
 - quantize: FP32 IR (PTQ) or bundle (QAT) + Dataset -> INT8 IR (Model) + Metrics
-- validate (INT8): INT8 IR + Dataset -> the same reports; finishes the MLflow parent run
+- validate (INT8): INT8 IR + Dataset -> the same reports, plus ``dice_drop`` (FP32's mean Dice minus
+  INT8's); finishes the MLflow parent run
 
 Every step runs the same image (``image``, fixed when the pipeline is compiled), requests CPU and
 memory, is cached by kfp on its inputs and gets credentials only from Kubernetes secrets
@@ -207,7 +208,7 @@ def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
     quantized = _quantize_task(ops, options, p, exported.outputs["ir"], model, dataset, mlflow)
     checked_int8 = _configure(
         ops["validate"](model=quantized.outputs["int8_ir"], dataset=dataset, label="int8", finish_pipeline_run=True,
-                        **mlflow),
+                        reference_dice=checked.outputs["mean_dice"], **mlflow),
         options, "validate", "validate INT8",
     )  # fmt: skip
     return PipelineOutputs(

@@ -399,12 +399,19 @@ def test_local_run_end_to_end_with_mlflow(local_run):
         "val_dice_int8"
     ] == pytest.approx(int8_dice, abs=1e-5)  # the INT8 IR that quantize wrote is the model validate-2 scored
     assert (run_dir / "validate-2" / "report").read_text().count("data:image/png;base64,") == 4
+    # the INT8 validation reports its drop from the FP32 validation's Dice
+    int8_metrics = executor_output("validate-2")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert int8_metrics["dice_drop"] == pytest.approx(result["fp32_mean_dice"] - int8_dice, abs=1e-6)
+    assert "dice_drop" not in executor_output("validate")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
 
     runs = _mlflow_runs(uri, experiment)
     parent = next(r for r in runs if r.info.run_id == result["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["fp32_val_dice"] == pytest.approx(result["fp32_mean_dice"])
     assert parent.data.metrics["int8_val_dice"] == pytest.approx(result["int8_mean_dice"])
+    assert parent.data.metrics["int8_dice_drop"] == pytest.approx(
+        result["fp32_mean_dice"] - result["int8_mean_dice"], abs=1e-6
+    )
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     steps = sorted(r.data.tags["segcore.step"] for r in children)
     # the pipeline's validate and quantize tasks run the evaluate and optimize steps
