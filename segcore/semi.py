@@ -68,7 +68,14 @@ class SemiConfig:
     cutout_size: tuple[float, float] = (0.2, 0.4)  # of the crop's height and width
     unlabeled_mix: str = "none"  # "none" or "cutmix" (between the strong views of a batch)
 
+    def __post_init__(self):
+        for name, value, allowed in (("unlabeled_loss", self.unlabeled_loss, LOSSES),
+                                     ("unlabeled_mix", self.unlabeled_mix, MIXES)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"semi-supervised {name} {value!r}: choose one of {', '.join(allowed)}")
 
+
+LOSSES = ("ce", "ce_dice")
 MIXES = ("none", "cutmix")
 
 

@@ -407,3 +407,10 @@ def test_the_pipeline_training_keys_its_checkpoints_by_the_unlabelled_data(tmp_p
                                     unlabeled=str(photos))  # fmt: skip
     assert sup_at != semi_at
     assert "semi_supervised" not in sup and semi["semi_supervised"] == {"unlabeled_images": 6}
+
+
+def test_semi_config_refuses_an_unknown_loss_or_mix():
+    with pytest.raises(ValueError, match="unlabeled_mix 'mixup': choose one of none, cutmix"):
+        SemiConfig(unlabeled_mix="mixup")
+    with pytest.raises(ValueError, match="unlabeled_loss 'dice': choose one of ce, ce_dice"):
+        SemiConfig(unlabeled_loss="dice")
