@@ -74,6 +74,11 @@ def main() -> int:
     )
     ap.add_argument("--reuse-semi", metavar="DIR", help="a finished semi-supervised run: only collect the results")
     ap.add_argument("--semi-args", default="", help="extra segcore train flags for the semi-supervised run")
+    ap.add_argument(
+        "--train-args",
+        default="",
+        help='extra segcore train flags for both runs, e.g. "--early-stop-patience 0" (both train every epoch)',
+    )
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
     args = ap.parse_args()
 
@@ -83,7 +88,7 @@ def main() -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
             "--epochs", str(args.epochs), "--precision", args.precision, "--recipe", args.recipe, "--num-workers", "1",
-            "--tracking-uri", ""]  # fmt: skip
+            "--tracking-uri", "", *shlex.split(args.train_args)]  # fmt: skip
     runs = {
         "supervised": [],
         "semi": ["--unlabeled-data-root", str(photos), *shlex.split(args.semi_args)],
