@@ -248,18 +248,23 @@ def _static_request(xml: Path, config: dict, size: int):
     return request.infer
 
 
-def _profile(xml: Path, config: dict, size: int, runs: int = 30) -> list[dict]:
-    """OpenVINO's per-layer counters (PERF_COUNT) of the IR at a static 1 x size x size x 3 input:
-    milliseconds per inference summed by (layer type, kernel), largest first."""
+def _profile(xml: Path, config: dict, size: int) -> list[dict]:
+    import openvino as ov
+
+    return layer_times(ov.Core().read_model(xml), config, size)
+
+
+def layer_times(model, config: dict, size: int, runs: int = 30) -> list[dict]:
+    """OpenVINO's per-layer counters (PERF_COUNT) of an ov.Model at a static 1 x size x size x 3
+    input: milliseconds per inference summed by (layer type, kernel), largest first."""
     from collections import defaultdict
 
     import numpy as np
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(xml)
+    model = model.clone()
     model.reshape([1, size, size, 3])
-    request = core.compile_model(model, "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
+    request = ov.Core().compile_model(model, "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
     image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
     for _ in range(3):
         request.infer({0: image})

@@ -83,12 +83,12 @@ def with_concat_quantizers(model, low: float, high: float) -> int:
     return inserted
 
 
-def compiled(model, threads: int, size: int, perf: bool = False):
+def compiled(model, threads: int, size: int):
     import openvino as ov
 
     model = model.clone()
     model.reshape([1, size, size, 3])
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": perf}
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     return ov.Core().compile_model(model, "CPU", config).create_infer_request()
 
 
@@ -105,6 +105,7 @@ def main() -> int:
 
     import openvino as ov
     from ablate_recipe import machine
+    from bench_deploy import layer_times
 
     fp32 = ov.Core().read_model(args.ir)
     default = quantize(Path(args.ir), Path(args.dataset), args.calibration, quantize_muls=False)
@@ -130,18 +131,11 @@ def main() -> int:
     for name in models:
         print(f"{name:<14} median {statistics.median(times[name]):6.1f} ms")
 
-    profiles = {}
-    for name, m in models.items():
-        request = compiled(m, args.threads, args.size, perf=True)
-        ms = defaultdict(float)
-        for _ in range(3):
-            request.infer(image)
-        for _ in range(30):
-            request.infer(image)
-            for layer in request.profiling_info:
-                if layer.status == layer.Status.EXECUTED:
-                    ms[(layer.node_type, layer.exec_type)] += layer.real_time.total_seconds() * 1000 / 30
-        profiles[name] = ms
+    config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
+    profiles = {
+        name: {(e["type"], e["kernel"]): e["ms"] for e in layer_times(m, config, args.size)}
+        for name, m in models.items()
+    }
     types = defaultdict(float)
     for ms in profiles.values():
         for key, value in ms.items():

@@ -89,9 +89,8 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.shape[-2] * x.shape[-1] <= 128 * 128
         plain = self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str)
-        if plain or self.stride == (1, 1) or not small or not torch.is_grad_enabled() or _tracing():
-            return super().forward(x)
-        if not _bf16_autocast_on_cpu(x):
+        simple = plain or self.stride == (1, 1) or not small or not torch.is_grad_enabled() or _tracing()
+        if simple or not _bf16_autocast_on_cpu(x):
             return super().forward(x)
         weight = self.weight.to(torch.bfloat16)  # the cast autocast would make
         out = _StridedDepthwise.apply(x.to(torch.bfloat16), weight, self.stride, self.padding, self.groups)
