@@ -10,6 +10,12 @@ supervised on the 46, and semi-supervised (``--unlabeled-data-root``) on the 46 
 validate on the full val split (101 images). With --together the two trainings run at the same
 time with one thread each (their curves do not depend on it; their wall times do). Results are
 appended to WORK/semi.jsonl and printed.
+
+One run per arm cannot show a gain smaller than the spread between training seeds, so repeat the pair
+with --train-args "--seed S". Each arm can train alone (--only supervised|semi, with a --work folder of
+its own per job so that jobs can run side by side), pairs are collected without training by giving
+both --reuse-supervised and --reuse-semi, and --summarise prints the mean, spread and paired gain over
+the collected semi.jsonl files.
 """
 
 from __future__ import annotations
@@ -79,8 +85,21 @@ def main() -> int:
         default="",
         help='extra segcore train flags for both runs, e.g. "--early-stop-patience 0" (both train every epoch)',
     )
+    ap.add_argument(
+        "--only",
+        choices=("supervised", "semi"),
+        help="train this run alone and print its folder; pair two such runs later with --reuse-supervised/--reuse-semi",
+    )
+    ap.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSONL",
+        help="no training: the mean and spread over the pairs in these semi.jsonl files (one line per training seed)",
+    )
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
     args = ap.parse_args()
+    if args.summarise:
+        return summarise([json.loads(line) for f in args.summarise for line in Path(f).read_text().splitlines()])
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -95,7 +114,7 @@ def main() -> int:
     }
     reuse = {"supervised": args.reuse_supervised, "semi": args.reuse_semi}
     for name, folder in reuse.items():
-        if folder:
+        if folder or (args.only and name != args.only):
             del runs[name]
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if args.together else {}))
     procs, outs, started, walls = {}, {}, {}, {}
@@ -114,6 +133,9 @@ def main() -> int:
         if proc.returncode:
             print(f"{name} failed (see {work / 'semi'}/{name}-{stamp}.log)", file=sys.stderr)
             return 1
+    if args.only:
+        print(f"{args.only}: {outs[args.only]} ({walls[args.only] / 60:.1f} min)")
+        return 0
     result = {
         "date": dt.date.today().isoformat(),
         "machine": machine(),
@@ -144,6 +166,7 @@ def main() -> int:
             "best_epoch": meta["best_epoch"],
             "epochs_run": meta["epochs_run"],
             "best_weights_from": meta.get("best_weights_from"),
+            "seed": meta["training_config"]["seed"],
             "per_class_at_best": {k: None if v is None else round(v, 3) for k, v in best["val_dice"].items()},
             "wall_min": round(walls[name] / 60, 1),
             "train_min": round(meta["train_seconds"] / 60, 1),
@@ -159,6 +182,41 @@ def main() -> int:
     print(f"semi:       best {semi['best_val_mdice']:.4f} (epoch {semi['best_epoch']}, {semi['best_weights_from']}), "
           f"{semi['wall_min']} min")  # fmt: skip
     print_gain(sup, semi)
+    return 0
+
+
+def summarise(records: list[dict]) -> int:
+    """Each arm's best mean Dice over the records (training seeds), the paired gains and the per-class means."""
+    if not records:
+        print("no records", file=sys.stderr)
+        return 1
+    arms = ("supervised", "semi")
+    best = {arm: np.array([r[arm]["best_val_mdice"] for r in records]) for arm in arms}
+    for r in records:
+        sup, semi = r["supervised"], r["semi"]
+        print(f"seed {sup.get('seed')}/{semi.get('seed')}: supervised {sup['best_val_mdice']:.4f}  "
+              f"semi {semi['best_val_mdice']:.4f}  gain {semi['best_val_mdice'] - sup['best_val_mdice']:+.4f}  "
+              f"wall {sup['wall_min']} / {semi['wall_min']} min")  # fmt: skip
+    n = len(records)
+    gains = best["semi"] - best["supervised"]
+
+    def spread(values: np.ndarray) -> float:
+        return float(values.std(ddof=1)) if n > 1 else float("nan")
+
+    for arm, v in best.items():
+        print(f"{arm:<10} mean {v.mean():.4f}  sd {spread(v):.4f}  min {v.min():.4f}  max {v.max():.4f}")
+    sem = spread(gains) / np.sqrt(n)
+    print(f"gain       mean {gains.mean():+.4f}  sd {spread(gains):.4f}  standard error {sem:.4f}"
+          f"  semi ahead in {int((gains > 0).sum())} of {n}")  # fmt: skip
+    classes = list(records[0]["supervised"]["per_class_at_best"])
+    mean = {}
+    for arm in arms:
+        per_class = {c: [r[arm]["per_class_at_best"][c] for r in records] for c in classes}
+        mean[arm] = {
+            "best_val_mdice": float(best[arm].mean()),
+            "per_class_at_best": {c: None if None in v else float(np.mean(v)) for c, v in per_class.items()},
+        }
+    print_gain(mean["supervised"], mean["semi"])
     return 0
 
 
