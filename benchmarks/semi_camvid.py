@@ -196,7 +196,7 @@ def summarise(records: list[dict]) -> int:
         sup, semi = r["supervised"], r["semi"]
         print(f"seed {sup.get('seed')}/{semi.get('seed')}: supervised {sup['best_val_mdice']:.4f}  "
               f"semi {semi['best_val_mdice']:.4f}  gain {semi['best_val_mdice'] - sup['best_val_mdice']:+.4f}  "
-              f"wall {sup['wall_min']} / {semi['wall_min']} min")  # fmt: skip
+              f"training {sup['train_min']} / {semi['train_min']} min")  # fmt: skip
     n = len(records)
     gains = best["semi"] - best["supervised"]
 
@@ -205,6 +205,12 @@ def summarise(records: list[dict]) -> int:
 
     for arm, v in best.items():
         print(f"{arm:<10} mean {v.mean():.4f}  sd {spread(v):.4f}  min {v.min():.4f}  max {v.max():.4f}")
+    for arm in arms:  # the curves averaged over the seeds (every run trains all epochs with patience 0)
+        curves = [r[arm]["val_mdice"] for r in records]
+        length = min(map(len, curves))
+        mean_curve = np.mean([c[:length] for c in curves], axis=0)
+        marks = "  ".join(f"{e}: {mean_curve[e - 1]:.3f}" for e in range(5, length + 1, 5))
+        print(f"{arm:<10} mean curve by epoch  {marks}")
     sem = spread(gains) / np.sqrt(n)
     print(f"gain       mean {gains.mean():+.4f}  sd {spread(gains):.4f}  standard error {sem:.4f}"
           f"  semi ahead in {int((gains > 0).sum())} of {n}")  # fmt: skip
