@@ -98,6 +98,8 @@ def main() -> int:
     )
     ap.add_argument("--work", default=str(HERE / "results"), help="folder for data and runs (git-ignored)")
     args = ap.parse_args()
+    if args.only and getattr(args, f"reuse_{args.only}"):
+        ap.error(f"--only {args.only} trains that run: do not also give --reuse-{args.only}")
     if args.summarise:
         return summarise([json.loads(line) for f in args.summarise for line in Path(f).read_text().splitlines()])
 
