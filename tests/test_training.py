@@ -591,10 +591,26 @@ def test_otx_init_draws_only_the_conv_modules_by_fan_out():
         assert conv.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.15)
 
 
-def test_early_stopping_can_be_switched_off_from_the_cli(tmp_path):
+def test_early_stopping_and_plateau_patience_from_the_cli(tmp_path, capsys):
     gen = generate(tmp_path / "raw", "plain", num_train=4, num_val=2, size=(32, 32), seed=3)
     out = tmp_path / "run"
-    assert main(["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--output", str(out),
-                 "--epochs", "1", "--input-size", "32x32", "--batch-size", "4", "--num-workers", "0",
-                 "--early-stop-patience", "0"]) == 0  # fmt: skip
-    assert json.loads((out / "model.json").read_text())["training_config"]["early_stop_patience"] == 0
+    args = ["train", "Lite-HRNet-s-mod2", "--train-data-root", str(gen.root), "--epochs", "1", "--input-size",
+            "32x32", "--batch-size", "4", "--num-workers", "0", "--early-stop-patience", "0"]  # fmt: skip
+    assert main([*args, "--output", str(out), "--plateau-patience", "12"]) == 0
+    config = json.loads((out / "model.json").read_text())["training_config"]
+    assert (config["early_stop_patience"], config["plateau_patience"]) == (0, 12)
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "bad"), "--plateau-patience", "-1"]) == 2
+    assert "--plateau-patience -1: give 0 or more epochs" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_plateau_patience_counts_epochs_after_warmup():
+    """patience N: the (N + 1)-th epoch in a row without a better score cuts the rate."""
+    s = WarmupPlateauLR(_optimizer(), 1.0, 0, 1.0, 0.1, 3, 1e-6)
+    s.step_epoch(0.5)
+    for _ in range(3):
+        s.step_epoch(0.4)
+    assert s.lr == pytest.approx(1.0)
+    s.step_epoch(0.4)
+    assert s.lr == pytest.approx(0.1)

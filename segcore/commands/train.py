@@ -173,6 +173,14 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         help="stop after N epochs without a better validation Dice (template default 8; 0: train every epoch)",
     )
     p.add_argument(
+        "--plateau-patience",
+        type=int,
+        metavar="N",
+        help="after warm-up, cut the learning rate tenfold once N + 1 epochs in a row bring no better validation "
+        "Dice (template default 4). On a small training set an epoch is a few steps and the validation Dice "
+        "jumps between epochs, so a patience in epochs cuts early; raise N there (docs/training.md)",
+    )
+    p.add_argument(
         "--recipe",
         choices=("default", "reference"),  # segcore.models.templates.RECIPES (tested to match)
         help="default: what learned most per epoch on CamVid (OTX 2.6's crops, schedule and init, "
@@ -189,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc_per_node is not None:
         return launch_torchrun(args)
+    for flag in ("early_stop_patience", "plateau_patience"):
+        if (getattr(args, flag) or 0) < 0:
+            from segcore.errors import SegcoreError
+
+            raise SegcoreError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 0 or more epochs")
     storage.configure_from_args(args)
     options = TrainOptions(
         epochs=args.epochs,
@@ -204,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         semi=_semi_overrides(args),
         recipe=args.recipe,
         early_stop_patience=args.early_stop_patience,
+        plateau_patience=args.plateau_patience,
     )
     meta = train_step(
         args.template,

@@ -32,6 +32,7 @@ class TrainOptions:
     semi: dict | None = None  # segcore.semi.SemiConfig overrides (used with unlabelled images)
     recipe: str | None = None  # a named recipe, segcore.models.templates.RECIPES (default "default")
     early_stop_patience: int | None = None  # epochs without a better validation Dice; 0: no early stopping
+    plateau_patience: int | None = None  # the learning rate is cut after patience + 1 epochs without a better Dice
 
 
 def train_step(
