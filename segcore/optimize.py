@@ -46,6 +46,11 @@ from segcore.export import (
 
 log = logging.getLogger(__name__)
 
+# NNCF compiles its PyTorch extension on first use (QAT) and gives up after 60 s by default; on a
+# busy 2-core machine (a shared CI runner, a pod beside other work) that one-off build can take
+# longer. A user's own NNCF_EXTENSION_LOAD_TIMEOUT wins.
+NNCF_EXTENSION_TIMEOUT_S = 600
+
 # Node names in the converted graph carry the torch module path, e.g.
 # "__module.model.backbone.stage0.1.layers.0.spatial_weighting.1/aten::mul/Multiply".
 WEIGHTING_MULTIPLY = r".*(cross_resolution_weighting|spatial_weighting)[^/]*/aten::mul/.*"
@@ -283,6 +288,11 @@ def quantize_ir(
     )
 
 
+def allow_slow_extension_build() -> None:
+    """Give NNCF's one-off extension build ``NNCF_EXTENSION_TIMEOUT_S`` unless the user set a limit."""
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", str(NNCF_EXTENSION_TIMEOUT_S))
+
+
 def quantization_aware_training(
     bundle: str | Path,
     dataset_root: Path,
@@ -299,6 +309,7 @@ def quantization_aware_training(
 ):
     """Insert NNCF fake-quantizers into a trained segmenter, fine-tune it with the training recipe
     at a low learning rate, and return (quantized torch model with the best weights, its metadata)."""
+    allow_slow_extension_build()
     import nncf
     import torch
 

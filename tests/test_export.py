@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from segcore.data.transforms import MEAN, STD
 from segcore.export import IR_NAME, META_KEY
 from segcore.inference import OpenVINOPredictor, TorchPredictor
 from segcore.models import TEMPLATES, create_model
-from segcore.optimize import FUSE_ADD, processing_ops
+from segcore.optimize import FUSE_ADD, NNCF_EXTENSION_TIMEOUT_S, allow_slow_extension_build, processing_ops
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -181,7 +182,8 @@ def test_ptq_with_accuracy_control(trained):
     assert report["max_dice_drop"] == 0.01
 
 
-def test_qat_of_a_bundle_end_to_end(trained, capsys):
+def test_qat_of_a_bundle_end_to_end(trained, capsys, monkeypatch):
+    monkeypatch.delenv("NNCF_EXTENSION_LOAD_TIMEOUT", raising=False)  # QAT sets its own (a slow build is no failure)
     out = trained["root"] / "qat"
     assert main(["optimize", "Lite-HRNet-s-mod2", "--load-weights", str(trained["run"]), "--train-data-root",
                  str(trained["dataset"]), "--output", str(out), "--epochs", "1", "--num-workers", "0",
@@ -191,6 +193,16 @@ def test_qat_of_a_bundle_end_to_end(trained, capsys):
     assert report["qat"]["epochs"] == 1
     assert main(["eval", str(out / IR_NAME), "--test-data-root", str(trained["dataset"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mdice"] == pytest.approx(report["val_mdice_int8"], abs=1e-6)
+    assert os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"] == str(NNCF_EXTENSION_TIMEOUT_S)
+
+
+def test_nncf_extension_timeout_is_raised_unless_the_user_set_one(monkeypatch):
+    monkeypatch.delenv("NNCF_EXTENSION_LOAD_TIMEOUT", raising=False)
+    allow_slow_extension_build()
+    assert int(os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"]) == NNCF_EXTENSION_TIMEOUT_S > 60  # NNCF's default: 60
+    monkeypatch.setenv("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # the user's choice (0: no limit) stays
+    allow_slow_extension_build()
+    assert os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"] == "0"
 
 
 # ------------------------------------------------------------------------------- bad input
