@@ -62,6 +62,16 @@ def size(text: str) -> tuple[int, int] | None:
     return parse_size(text)
 
 
+def patience(values: dict[str, int]) -> dict[str, int]:
+    """The patience parameters that were given: -1 (the pipeline's default) means the template's."""
+    from segcore.errors import SegcoreError
+
+    for name, value in values.items():
+        if value < -1:
+            raise SegcoreError(f"{name} {value}: give 0 or more epochs, or -1 for the template's")
+    return {name: value for name, value in values.items() if value != -1}
+
+
 def read_json(path: str | Path) -> dict:
     import json
 

@@ -26,6 +26,8 @@ def train(
     batch_size: int = 0,
     input_size: str = "",
     lr: float = 0.0,
+    early_stop_patience: int = -1,
+    plateau_patience: int = -1,
     num_workers: int = 2,
     checkpoint_uri: str = "",
     unlabeled_data_uri: str = "",
@@ -51,7 +53,8 @@ def train(
     mlflow_secret: str = "segcore-mlflow",
     load_weights: Input[Model] = None,
 ):
-    """Train with the template's recipe (0 / "" = the template's default); resumable from checkpoint_uri.
+    """Train with the template's recipe (0 / "" = the template's default; the patiences: -1); resumable from
+    checkpoint_uri.
     More than one process: a TrainJob on the cluster (train_launcher "local": here) writes the bundle.
     unlabeled_data_uri (a folder of images): semi-supervised training (Mean Teacher). load_weights_uri: backbone
     weights (.pth) or a trained bundle (class-incremental); or load_weights: a pretrain step's or train step's Model."""
@@ -63,8 +66,11 @@ def train(
 
     storage.configure(s3_endpoint or None)
     size = common.size(input_size)
-    options = TrainOptions(epochs or None, batch_size or None, size, lr or None, num_workers=num_workers)
+    patience = {"early_stop_patience": early_stop_patience, "plateau_patience": plateau_patience}
+    patience = common.patience(patience)
+    options = TrainOptions(epochs or None, batch_size or None, size, lr or None, num_workers=num_workers, **patience)
     key = {"epochs": epochs, "batch_size": batch_size, "input_size": "x".join(map(str, size or ())), "lr": lr}
+    key.update(patience)  # only the ones given: the keys of earlier checkpoints stay as they were
     if unlabeled_data_uri:
         key["unlabeled"] = unlabeled_data_uri
     load_weights_uri = common.start_weights(

@@ -392,6 +392,9 @@ def train_args(
         args += ["--input-size", "x".join(map(str, options.input_size))]
     if options.lr:
         args += ["--lr", repr(options.lr)]
+    for flag in ("early_stop_patience", "plateau_patience"):
+        if getattr(options, flag) is not None:
+            args += [f"--{flag.replace('_', '-')}", str(getattr(options, flag))]
     if unlabeled:
         args += ["--unlabeled-data-root", unlabeled]
     if load_weights:

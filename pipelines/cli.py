@@ -42,6 +42,8 @@ PARAMS = {
     "batch_size": "batch_size",
     "input_size": "input_size",
     "lr": "lr",
+    "early_stop_patience": "early_stop_patience",
+    "plateau_patience": "plateau_patience",
     "num_workers": "num_workers",
     "min_dice": "min_dice",
     "precision": "export_precision",
@@ -60,6 +62,13 @@ PARAMS = {
     "mlflow_experiment": "mlflow_experiment",
     "mlflow_run_name": "mlflow_run_name",
 }
+
+
+def _patience(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 or more epochs")
+    return value
 
 
 def _size(text: str) -> str:
@@ -112,6 +121,19 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
         help="network input " + default(LOCAL_DEFAULTS["input_size"], "the template's"),
     )
     g.add_argument("--lr", type=float, help="learning rate (default: the template's)")
+    g.add_argument(
+        "--early-stop-patience",
+        type=_patience,
+        metavar="N",
+        help="stop after N epochs without a better validation Dice (0: never; default: the template's 8)",
+    )
+    g.add_argument(
+        "--plateau-patience",
+        type=_patience,
+        metavar="N",
+        help="cut the learning rate after N + 1 epochs without a better validation Dice (default: the template's "
+        "4; raise it for a small training set, see docs/training.md)",
+    )
     g.add_argument(
         "--num-workers", type=int, help="data loading processes " + default(str(LOCAL_DEFAULTS["num_workers"]), "2")
     )

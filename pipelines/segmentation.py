@@ -109,6 +109,8 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         batch_size: int = 0,
         input_size: str = "",
         lr: float = 0.0,
+        early_stop_patience: int = -1,
+        plateau_patience: int = -1,
         num_workers: int = 2,
         min_dice: float = 0.0,
         export_precision: str = "FP32",
@@ -142,6 +144,10 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             batch_size: images per step (0 = the template's 8).
             input_size: network input HxW, e.g. 512x512 ("" = the template's).
             lr: learning rate (0 = the template's).
+            early_stop_patience: stop after this many epochs without a better validation Dice (0 = never;
+                -1 = the template's 8).
+            plateau_patience: cut the learning rate after this many + 1 epochs without a better validation Dice
+                (-1 = the template's 4; raise it for a small training set, docs/training.md).
             num_workers: data loading processes of training and QAT.
             min_dice: the FP32 model's validation mean Dice must reach this for export to run (0 = no gate).
             export_precision: FP32 or FP16 weights in the exported IR.
@@ -219,8 +225,9 @@ def _dag(ops: dict, options: Options, p: dict) -> PipelineOutputs:
 def _train_task(ops: dict, options: Options, p: dict, dataset, mlflow: dict, pretrained):
     from kfp import kubernetes
 
-    keys = ("template", "epochs", "batch_size", "input_size", "lr", "num_workers", "checkpoint_uri",
-            "unlabeled_data_uri", "load_weights_uri", "allow_dropped_classes", "s3_endpoint")  # fmt: skip
+    keys = ("template", "epochs", "batch_size", "input_size", "lr", "early_stop_patience", "plateau_patience",
+            "num_workers", "checkpoint_uri", "unlabeled_data_uri", "load_weights_uri", "allow_dropped_classes",
+            "s3_endpoint")  # fmt: skip
     if options.distributed:  # this pod only launches a TrainJob and waits: the nodes get the resources
         task = ops["train"](dataset=dataset, load_weights=pretrained, **{k: p[k] for k in keys}, **mlflow,
                             **_distribution(options))  # fmt: skip

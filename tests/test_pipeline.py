@@ -5,6 +5,7 @@ the API call intercepted."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.server
 import io
@@ -239,6 +240,38 @@ def test_train_export_quantize_components(steps):
     m = steps.quant_metrics.metadata
     assert {"val_dice_fp32", "val_dice_int8", "dice_drop", "fp32_mb", "int8_mb", "compression"} <= set(m)
     assert m["int8_mb"] < m["fp32_mb"]
+
+
+def test_train_component_patiences_reach_the_training_and_minus_one_keeps_the_templates(steps, tmp_path):
+    from components.train import train_op
+
+    def train(name: str, **patience):
+        model, metrics = _artifact(dsl.Model, tmp_path / name), _artifact(dsl.Metrics, tmp_path / f"{name}-metrics")
+        train_op.python_func(template=TEMPLATE, dataset=steps.dataset, model=model, metrics=metrics, tracking=False,
+                             epochs=1, batch_size=4, input_size="32x32", num_workers=0, **patience)  # fmt: skip
+        return json.loads((Path(model.path) / "model.json").read_text())["training_config"]
+
+    given = train("given", early_stop_patience=0, plateau_patience=40)
+    assert (given["early_stop_patience"], given["plateau_patience"]) == (0, 40)
+    templates = json.loads((Path(steps.model.path) / "model.json").read_text())["training_config"]
+    assert (templates["early_stop_patience"], templates["plateau_patience"]) == (8, 4)  # the component's -1 defaults
+    with pytest.raises(SegcoreError, match="plateau_patience -2"):
+        train("refused", plateau_patience=-2)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_pipeline_cli_patience_flags_map_to_the_run_parameters(capsys):
+    from pipelines.cli import add_parser, pipeline_params
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pipeline", "run", "--local", "--early-stop-patience", "0", "--plateau-patience", "40"])
+    params = pipeline_params(args)
+    assert (params["early_stop_patience"], params["plateau_patience"]) == (0, 40)
+    assert pipeline_params(parser.parse_args(["pipeline", "run", "--local"]))["plateau_patience"] is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pipeline", "run", "--local", "--plateau-patience", "-1"])
+    assert "argument --plateau-patience: -1: give 0 or more epochs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("which", ["model", "int8"])

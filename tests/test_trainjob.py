@@ -414,3 +414,11 @@ def test_every_node_starts_from_the_same_bundle():
     args = train_args("Lite-HRNet-18", "s3://b/d", PREFIX, options, Distribution(2, 4), None, "", "",
                       "s3://b/old-bundle", True)  # fmt: skip
     assert args[args.index("--load-weights") + 1] == "s3://b/old-bundle" and "--allow-dropped-classes" in args
+
+
+def test_every_node_gets_the_patiences_that_were_given():
+    given = TrainOptions(num_workers=2, early_stop_patience=0, plateau_patience=40)
+    args = train_args("Lite-HRNet-18", "s3://b/d", PREFIX, given, Distribution(2, 4), None, "")
+    assert args[args.index("--early-stop-patience") + 1] == "0" and args[args.index("--plateau-patience") + 1] == "40"
+    default = train_args("Lite-HRNet-18", "s3://b/d", PREFIX, TrainOptions(num_workers=2), Distribution(2, 4), None, "")
+    assert "--early-stop-patience" not in default and "--plateau-patience" not in default
