@@ -14,7 +14,9 @@ given (``segcore train ... --unlabeled-data-root DIR``).
   pseudo-labels, summed over the used pixels and divided by all pixels of the unlabelled batch
   (so it scales with the share used), weighted by ``unlabeled_weight``. With ``unlabeled_loss``
   "ce_dice" it is the labelled loss (cross-entropy + soft Dice, which weights every class
-  equally) over the used pixels, times the share used. The first
+  equally) over the used pixels, times the share used; with "ce_balanced" the cross-entropy is
+  averaged within each pseudo-label class and then over the classes, times the share used (so the
+  classes a confident teacher labels most, sky and road, do not make most of the loss). The first
   ``unlabeled_start_epoch - 1`` epochs use labelled data only.
 - With ``unlabeled_mix`` "cutmix" (French et al., BMVC 2020: "Semi-supervised semantic
   segmentation needs strong, varied perturbations"), each strong view takes a rectangle of half its
@@ -54,7 +56,9 @@ class SemiConfig:
     unlabeled_rampup_epochs: int = 0
     unlabeled_batch_size: int = 5  # per process, beside the labelled batch
     teacher_decay: float = 0.99
-    unlabeled_loss: str = "ce"  # "ce" (OTX's) or "ce_dice" (cross-entropy + soft Dice on the pseudo-labels)
+    # "ce" (OTX's), "ce_dice" (cross-entropy + soft Dice on the pseudo-labels) or "ce_balanced" (cross-entropy
+    # averaged per pseudo-label class, then over the classes)
+    unlabeled_loss: str = "ce"
     pseudo_ignore_start: float = 0.2
     pseudo_ignore_epochs: int = 100
     # > 0: keep only pixels whose teacher confidence (largest softmax probability) reaches it, and
@@ -75,7 +79,7 @@ class SemiConfig:
                 raise ValueError(f"semi-supervised {name} {value!r}: choose one of {', '.join(allowed)}")
 
 
-LOSSES = ("ce", "ce_dice")
+LOSSES = ("ce", "ce_dice", "ce_balanced")
 MIXES = ("none", "cutmix")
 
 
@@ -136,6 +140,30 @@ def unsupervised_ce_dice(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     used = parallel.all_reduce_sum_((labels != ignore_index).sum().double())
     total = parallel.all_reduce_sum_(torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device))
     return DiceCrossEntropy(ignore_index)(logits, labels) * float(used / total.clamp(min=1))
+
+
+def unsupervised_balanced_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Cross-entropy averaged over the pixels of each pseudo-label class, then over the classes
+    present in the (global) batch, times the share of its pixels used; 0 with a gradient when none is
+    used. Every class the teacher labels weighs the same, however many pixels it has."""
+    logits = at_least_fp32(logits)
+    classes = logits.shape[1]
+    pixel = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    used = labels != ignore_index
+    bins = torch.where(used, labels, classes).reshape(-1)  # unused pixels go to an extra bin
+    sums = torch.zeros(classes + 1, dtype=pixel.dtype, device=pixel.device).index_add(0, bins, pixel.reshape(-1))
+    counts = torch.bincount(bins, minlength=classes + 1).to(torch.float64)
+    total = torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
+    sums, counts, total = (
+        parallel.sum_across(sums[:classes]),
+        parallel.all_reduce_sum_(counts[:classes]),
+        parallel.all_reduce_sum_(total),
+    )
+    present = counts > 0
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    per_class = sums[present] / counts[present].to(sums.dtype)
+    return per_class.mean() * float(counts.sum() / total.clamp(min=1))
 
 
 def strong_view(image: np.ndarray, config: SemiConfig, rng: np.random.Generator) -> np.ndarray:

@@ -678,6 +678,7 @@ def _semi_loss(
         ignore_share,
         pseudo_labels,
         unlabeled_weight,
+        unsupervised_balanced_ce,
         unsupervised_ce_dice,
         unsupervised_loss,
     )
@@ -695,7 +696,8 @@ def _semi_loss(
         logits = state.net(torch.cat([images, strong]))
     logits = devices.at_least_fp32(logits)
     supervised = criterion(logits[: len(images)], masks)
-    unsup_loss = unsupervised_ce_dice if state.semi.unlabeled_loss == "ce_dice" else unsupervised_loss
+    losses = {"ce": unsupervised_loss, "ce_dice": unsupervised_ce_dice, "ce_balanced": unsupervised_balanced_ce}
+    unsup_loss = losses[state.semi.unlabeled_loss]
     unsupervised = unsup_loss(logits[len(images) :], labels)
     unsup["loss"] += float(unsupervised.detach())
     unsup["used"] += float((labels != IGNORE).float().mean())

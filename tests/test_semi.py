@@ -31,6 +31,7 @@ from segcore.semi import (
     list_unlabeled,
     pseudo_labels,
     unlabeled_weight,
+    unsupervised_balanced_ce,
     unsupervised_ce_dice,
     unsupervised_loss,
 )
@@ -195,6 +196,42 @@ def test_unlabeled_weight_ramps_up_as_mean_teacher_from_the_start_epoch():
     assert unlabeled_weight(replace(config, unlabeled_rampup_epochs=0), 2) == 1.0  # the default: at once
 
 
+def test_unsupervised_balanced_ce_weighs_every_pseudo_label_class_alike_against_a_scalar_reference():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 2, 4, requires_grad=True)
+    labels = torch.tensor([[[0, 0, 0, 0], [0, 0, 255, 1]], [[0, 0, 0, 255], [0, 0, 0, 255]]])  # class 2 absent
+    got = unsupervised_balanced_ce(logits, labels)
+    per_class = {}  # the reference, pixel by pixel: -log softmax of the label
+    for n in range(2):
+        for y in range(2):
+            for x in range(4):
+                c = int(labels[n, y, x])
+                if c == 255:
+                    continue
+                scores = [float(logits[n, k, y, x]) for k in range(3)]
+                nll = math.log(sum(math.exp(v) for v in scores)) - scores[c]
+                per_class.setdefault(c, []).append(nll)
+    used = sum(len(v) for v in per_class.values())
+    reference = sum(sum(v) / len(v) for v in per_class.values()) / len(per_class) * used / labels.numel()
+    assert got.item() == pytest.approx(reference, rel=1e-6)
+    assert len(per_class[0]) == 12 and len(per_class[1]) == 1  # the one class-1 pixel weighs as much as twelve
+    got.backward()
+    assert logits.grad[1, :, :, 3].abs().max() == 0 and logits.grad[0, :, 1, 3].abs().sum() > 0
+    nothing = unsupervised_balanced_ce(logits, torch.full_like(labels, 255))
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_the_cli_offers_the_unsupervised_losses_the_config_accepts():
+    import argparse
+
+    from segcore.commands.train import _add_semi_arguments
+    from segcore.semi import LOSSES
+
+    parser = argparse.ArgumentParser()
+    _add_semi_arguments(parser)
+    assert next(a.choices for a in parser._actions if a.dest == "unlabeled_loss") == LOSSES
+
+
 def test_unsupervised_loss_is_normalised_by_all_pixels():
     rng = np.random.default_rng(1)
     logits = torch.from_numpy(rng.normal(size=(2, 3, 4, 5)).astype(np.float32))
@@ -350,9 +387,9 @@ def test_semi_resume_continues_exactly(tmp_path, mix):
     assert [r["val_mdice"] for r in lines(tmp_path / "whole")] == [r["val_mdice"] for r in lines(tmp_path / "parts")]
 
 
-def test_cutmix_changes_what_the_student_learns_from(tmp_path):
-    """The option reaches the training step: same seed and data, with and without CutMix, the
-    unsupervised losses of epoch 2 (the first with unlabelled data) differ."""
+def test_cutmix_and_the_balanced_loss_change_what_the_student_learns_from(tmp_path):
+    """The options reach the training step: same seed and data, plain, with CutMix and with the
+    class-balanced loss, the unsupervised losses of epoch 2 (the first with unlabelled data) differ."""
     from segcore.data.convert import convert
     from segcore.semi import list_unlabeled
     from segcore.training import TrainConfig, train
@@ -360,16 +397,20 @@ def test_cutmix_changes_what_the_student_learns_from(tmp_path):
     labelled, photos = _data(tmp_path)
     convert(labelled.root, tmp_path / "ds")
     losses = {}
-    for mix in ("none", "cutmix"):
+    for name, semi in (
+        ("none", {}),
+        ("cutmix", {"unlabeled_mix": "cutmix"}),
+        ("ce_balanced", {"unlabeled_loss": "ce_balanced"}),
+    ):
         config = TrainConfig.from_template(
             "Lite-HRNet-s-mod2", epochs=2, batch_size=4, input_size=(32, 32), num_workers=0, precision="fp32",
-            semi={"unlabeled_batch_size": 3, "unlabeled_mix": mix},
+            semi={"unlabeled_batch_size": 3, **semi},
         )  # fmt: skip
-        train(config, tmp_path / "ds", tmp_path / mix, unlabeled=list_unlabeled(photos))
-        records = [json.loads(x) for x in (tmp_path / mix / "metrics.jsonl").read_text().splitlines()]
+        train(config, tmp_path / "ds", tmp_path / name, unlabeled=list_unlabeled(photos))
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert records[0]["train_unsup_loss"] == 0.0 < records[1]["train_unsup_loss"]
-        losses[mix] = records[1]["train_unsup_loss"]
-    assert losses["none"] != losses["cutmix"]
+        losses[name] = records[1]["train_unsup_loss"]
+    assert len(set(losses.values())) == 3, losses
 
 
 def test_semi_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
@@ -412,5 +453,5 @@ def test_the_pipeline_training_keys_its_checkpoints_by_the_unlabelled_data(tmp_p
 def test_semi_config_refuses_an_unknown_loss_or_mix():
     with pytest.raises(ValueError, match="unlabeled_mix 'mixup': choose one of none, cutmix"):
         SemiConfig(unlabeled_mix="mixup")
-    with pytest.raises(ValueError, match="unlabeled_loss 'dice': choose one of ce, ce_dice"):
+    with pytest.raises(ValueError, match="unlabeled_loss 'dice': choose one of ce, ce_dice, ce_balanced"):
         SemiConfig(unlabeled_loss="dice")

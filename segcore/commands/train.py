@@ -133,9 +133,11 @@ def _add_semi_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--unlabeled-loss",
-        choices=("ce", "ce_dice"),
-        help="the student's loss on the pseudo-labels: ce (cross-entropy, OTX's; the default) or ce_dice "
-        "(cross-entropy + soft Dice, the default labelled loss, which weights every class equally)",
+        choices=("ce", "ce_dice", "ce_balanced"),  # segcore.semi.LOSSES (tested to match)
+        help="the student's loss on the pseudo-labels: ce (cross-entropy, OTX's; the default), ce_dice "
+        "(cross-entropy + soft Dice, the default labelled loss, which weights every class equally) or ce_balanced "
+        "(cross-entropy averaged within each pseudo-label class, then over the classes: a confident teacher labels "
+        "mostly sky and road, which would otherwise make most of the loss)",
     )
     p.add_argument(
         "--teacher-decay",
