@@ -72,6 +72,17 @@ def patience(values: dict[str, int]) -> dict[str, int]:
     return {name: value for name, value in values.items() if value != -1}
 
 
+def record_training(model, metrics, meta: dict, checkpoints: str) -> None:
+    """A training's bundle metadata on its Model output, its scores on its Metrics output."""
+    keys = ("template", "labels", "input_size")
+    model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})
+    model.metadata.update(best_val_mean_dice=meta["best_val_mdice"], checkpoints=checkpoints)
+    metrics.log_metric("best_val_mean_dice", float(meta["best_val_mdice"]))
+    metrics.log_metric("best_epoch", int(meta["best_epoch"]))
+    metrics.log_metric("epochs_run", int(meta["epochs_run"]))
+    metrics.log_metric("train_minutes", round(float(meta["train_seconds"]) / 60, 2))
+
+
 def read_json(path: str | Path) -> dict:
     import json
 

@@ -96,13 +96,7 @@ def train(
                 unlabeled=unlabeled_data_uri, load_weights=load_weights_uri,
                 allow_dropped_classes=allow_dropped_classes,
             )  # fmt: skip
-    keys = ("template", "labels", "input_size")
-    model.metadata.update({"framework": "pytorch", "format": "segcore-bundle", **{k: meta[k] for k in keys}})
-    model.metadata.update(best_val_mean_dice=meta["best_val_mdice"], checkpoints=checkpoints)
-    metrics.log_metric("best_val_mean_dice", float(meta["best_val_mdice"]))
-    metrics.log_metric("best_epoch", int(meta["best_epoch"]))
-    metrics.log_metric("epochs_run", int(meta["epochs_run"]))
-    metrics.log_metric("train_minutes", round(float(meta["train_seconds"]) / 60, 2))
+    common.record_training(model, metrics, meta, checkpoints)
 
 
 def component(image: str = DEFAULT_IMAGE):

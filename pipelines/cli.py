@@ -143,7 +143,11 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     _add_start_params(g)
 
     _add_deploy_params(p, default)
+    _add_tracking_params(p, local)
 
+
+def _add_tracking_params(p: argparse.ArgumentParser, local: bool) -> None:
+    """Where the runs are logged."""
     g = p.add_argument_group("tracking (MLflow)")
     g.add_argument(
         "--tracking-uri",

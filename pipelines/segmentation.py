@@ -91,10 +91,7 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
     """The pipeline (a kfp GraphComponent) with every step in ``options.image``."""
     from kfp import dsl
 
-    from components import convert, export, pretrain, quantize, train, validate
-
-    steps = (convert, pretrain, train, validate, export, quantize)
-    ops = {m.__name__.rsplit(".", 1)[1]: m.component(options.image) for m in steps}
+    ops = _components(options.image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
     def segcore_pipeline(
@@ -144,10 +141,8 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             batch_size: images per step (0 = the template's 8).
             input_size: network input HxW, e.g. 512x512 ("" = the template's).
             lr: learning rate (0 = the template's).
-            early_stop_patience: stop after this many epochs without a better validation Dice (0 = never;
-                -1 = the template's 8).
-            plateau_patience: cut the learning rate after this many + 1 epochs without a better validation Dice
-                (-1 = the template's 4; raise it for a small training set, docs/training.md).
+            early_stop_patience: stop after N epochs without a better validation Dice (0 = never; -1 = template's 8).
+            plateau_patience: cut the LR after N + 1 epochs without a better val Dice (-1 = the template's 4; see docs).
             num_workers: data loading processes of training and QAT.
             min_dice: the FP32 model's validation mean Dice must reach this for export to run (0 = no gate).
             export_precision: FP32 or FP16 weights in the exported IR.
@@ -156,8 +151,7 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             subset_size: calibration images for quantization.
             qat_epochs: QAT fine-tuning epochs.
             checkpoint_uri: s3:// prefix for training checkpoints; a retried training resumes from there.
-            unlabeled_data_uri: a folder of unlabelled images (s3:// or a path the pods see): semi-supervised
-                training (Mean Teacher) on them beside the labelled data ("" = supervised).
+            unlabeled_data_uri: a folder of unlabelled images (s3:// or a pod path): semi-supervised training.
             load_weights_uri: initial weights: backbone weights (.pth) or a trained bundle of the same template,
                 whose classes are matched to the data's by name (class-incremental) ("" = from scratch).
             allow_dropped_classes: with a bundle in load_weights_uri, let the model forget classes the data lacks.
@@ -173,6 +167,14 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
         return _dag(ops, options, dict(locals()))
 
     return segcore_pipeline
+
+
+def _components(image: str) -> dict:
+    """Each step's kfp component, by step name, all in ``image``."""
+    from components import convert, export, pretrain, quantize, train, validate
+
+    steps = (convert, pretrain, train, validate, export, quantize)
+    return {m.__name__.rsplit(".", 1)[1]: m.component(image) for m in steps}
 
 
 def _configure(task, options: Options, step: str, name: str):
