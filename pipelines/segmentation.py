@@ -151,7 +151,7 @@ def build(options: Options = Options()):  # noqa: B008 - a frozen dataclass
             subset_size: calibration images for quantization.
             qat_epochs: QAT fine-tuning epochs.
             checkpoint_uri: s3:// prefix for training checkpoints; a retried training resumes from there.
-            unlabeled_data_uri: a folder of unlabelled images (s3:// or a pod path): semi-supervised training.
+            unlabeled_data_uri: unlabelled images (s3:// or a pod path): semi-supervised training ("" = supervised).
             load_weights_uri: initial weights: backbone weights (.pth) or a trained bundle of the same template,
                 whose classes are matched to the data's by name (class-incremental) ("" = from scratch).
             allow_dropped_classes: with a bundle in load_weights_uri, let the model forget classes the data lacks.
