@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 
+from segcore.commands.options import epochs
 from segcore.sizes import parse_size
 
 EPILOG = """\
@@ -64,13 +65,6 @@ PARAMS = {
 }
 
 
-def _patience(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give 0 or more epochs")
-    return value
-
-
 def _size(text: str) -> str:
     h, w = parse_size(text)
     return f"{h}x{w}"
@@ -123,13 +117,13 @@ def _add_params(p: argparse.ArgumentParser, local: bool) -> None:
     g.add_argument("--lr", type=float, help="learning rate (default: the template's)")
     g.add_argument(
         "--early-stop-patience",
-        type=_patience,
+        type=epochs,
         metavar="N",
         help="stop after N epochs without a better validation Dice (0: never; default: the template's 8)",
     )
     g.add_argument(
         "--plateau-patience",
-        type=_patience,
+        type=epochs,
         metavar="N",
         help="cut the learning rate after N + 1 epochs without a better validation Dice (default: the template's "
         "4; raise it for a small training set, see docs/training.md)",

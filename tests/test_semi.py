@@ -347,6 +347,9 @@ def test_semi_options_without_unlabelled_data_are_refused(tmp_path, capsys):
     assert "need --unlabeled-data-root" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-data-root", str(tmp_path), "--pseudo-threshold", "1.5"]) == 2
     assert "--pseudo-threshold 1.5: give a probability between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*argv, "--unlabeled-data-root", str(tmp_path), "--unlabeled-rampup", "-1"])
+    assert "argument --unlabeled-rampup: -1: give 0 or more epochs" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-data-root", str(tmp_path), "--teacher-decay", "1"]) == 2
     assert "--teacher-decay 1.0: give a value from 0 up to (not including) 1" in capsys.readouterr().err
     assert main([*argv, "--unlabeled-loss", "ce_dice"]) == 2

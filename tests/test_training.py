@@ -600,8 +600,9 @@ def test_early_stopping_and_plateau_patience_from_the_cli(tmp_path, capsys):
     config = json.loads((out / "model.json").read_text())["training_config"]
     assert (config["early_stop_patience"], config["plateau_patience"]) == (0, 12)
     capsys.readouterr()
-    assert main([*args, "--output", str(tmp_path / "bad"), "--plateau-patience", "-1"]) == 2
-    assert "--plateau-patience -1: give 0 or more epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--output", str(tmp_path / "bad"), "--plateau-patience", "-1"])
+    assert "argument --plateau-patience: -1: give 0 or more epochs" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

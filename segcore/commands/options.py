@@ -13,6 +13,15 @@ from segcore.tracking import (
     TrackingOptions,
 )
 
+
+def epochs(text: str) -> int:
+    """An argparse type: a number of epochs, 0 or more (patience, ramp-up)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 or more epochs")
+    return value
+
+
 DEVICE_HELP = "where a PyTorch bundle runs: cpu (default), auto, cuda, cuda:N (an IR runs on OpenVINO's CPU)"
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from segcore.commands.convert import add_data_arguments, data_source
+from segcore.commands.options import epochs
 from segcore.sizes import parse_size
 
 EPILOG = """\
@@ -119,7 +120,7 @@ def _add_semi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlabeled-weight", type=float, metavar="W", help="weight of the unsupervised loss (default 0.1)")
     p.add_argument(
         "--unlabeled-rampup",
-        type=int,
+        type=epochs,
         metavar="EPOCHS",
         help="raise the unsupervised weight over EPOCHS epochs (Mean Teacher's sigmoid ramp-up; default 0: at once)",
     )
@@ -170,13 +171,13 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (template default 42)")
     p.add_argument(
         "--early-stop-patience",
-        type=int,
+        type=epochs,
         metavar="N",
         help="stop after N epochs without a better validation Dice (template default 8; 0: train every epoch)",
     )
     p.add_argument(
         "--plateau-patience",
-        type=int,
+        type=epochs,
         metavar="N",
         help="after warm-up, cut the learning rate tenfold once N + 1 epochs in a row bring no better validation "
         "Dice (template default 4). On a small training set an epoch is a few steps and the validation Dice "
@@ -199,11 +200,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc_per_node is not None:
         return launch_torchrun(args)
-    for flag in ("early_stop_patience", "plateau_patience"):
-        if (getattr(args, flag) or 0) < 0:
-            from segcore.errors import SegcoreError
-
-            raise SegcoreError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 0 or more epochs")
     storage.configure_from_args(args)
     options = TrainOptions(
         epochs=args.epochs,
@@ -255,8 +251,6 @@ def _semi_overrides(args: argparse.Namespace) -> dict | None:
             raise SegcoreError(f"--unlabeled-weight {args.unlabeled_weight}: give a positive weight")
         semi["unlabeled_weight"] = args.unlabeled_weight
     if args.unlabeled_rampup is not None:
-        if args.unlabeled_rampup < 0:
-            raise SegcoreError(f"--unlabeled-rampup {args.unlabeled_rampup}: give 0 or more epochs")
         semi["unlabeled_rampup_epochs"] = args.unlabeled_rampup
     if args.pseudo_threshold is not None:
         if not 0 < args.pseudo_threshold < 1:
