@@ -6,7 +6,8 @@
 #                                                       #   instead of 122 MB; masks stay PNG, untouched)
 #   bash benchmarks/gpu_session.sh checks DATA OUT [EPOCHS] [SEEDS] [BOX]
 #       # there: the CUDA tests, benchmarks/gpu_check.py (CUDA training, the bundle scored on the
-#       # CPU and on CUDA), a one-process torchrun semi-supervised training on CUDA (NCCL), and beside
+#       # CPU and on CUDA), a one-process torchrun semi-supervised training on CUDA (one process
+#       # forms no process group, so this does not reach NCCL: that needs two GPUs), and beside
 #       # them issue 18's pairs (46 labelled / 321 unlabelled, supervised and semi-supervised per
 #       # seed, default 120 epochs, seeds "6 7"), each stopped after BOX seconds (default 470)
 #   bash benchmarks/gpu_session.sh throughput DATA OUT  # there: img/s and s/epoch with 12 loader
