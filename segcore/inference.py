@@ -10,6 +10,7 @@ import torch
 
 from segcore.data.transforms import eval_preprocess
 from segcore.errors import SegcoreError
+from segcore.metrics import class_map
 
 
 class TorchPredictor:
@@ -43,8 +44,8 @@ class TorchPredictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB image -> uint8 index mask of the same height and width."""
         x = torch.from_numpy(eval_preprocess(image, self.input_size))[None]
-        logit = self.logits(x, size=image.shape[:2])
-        return logit[0].argmax(0).to(torch.uint8).numpy()
+        logits = self.model(x.to(self.device, memory_format=self.memory_format), size=image.shape[:2])
+        return class_map(logits[0], 0).to(torch.uint8).cpu().numpy()  # taken on the device
 
 
 class OpenVINOPredictor:

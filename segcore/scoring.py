@@ -26,17 +26,35 @@ def scores_of(
     ``mdice``, ``miou``, ``per_class`` {name: {dice, iou}}, ``num_images``, ``confusion_matrix``.
     ``combine(matrix, count)`` may replace the confusion matrix and image count before scoring
     (data-parallel validation sums them over the ranks)."""
-    cm = ConfusionMatrix(len(labels) if labels is not None else num_classes, ignore_index)
-    count = 0
+    tally = Tally(labels, ignore_index, num_classes)
     for prediction, truth in pairs:
-        cm.update(prediction, truth)
-        count += 1
-    if combine is not None:
-        cm.matrix, count = combine(cm.matrix, count)
-    scores = cm.scores(list(labels) if labels is not None else None)
-    scores["num_images"] = count
-    scores["confusion_matrix"] = cm.matrix.tolist()
-    return scores
+        tally.add(prediction, truth)
+    return tally.scores(combine)
+
+
+class Tally:
+    """The running confusion matrix and image count behind ``scores_of``, for callers that score
+    several predictors on one pass over the data (one tally each)."""
+
+    def __init__(self, labels: Sequence[str] | None, ignore_index: int, num_classes: int = 0):
+        self.labels = list(labels) if labels is not None else None
+        self.cm = ConfusionMatrix(len(self.labels) if self.labels is not None else num_classes, ignore_index)
+        self.count = 0
+
+    def add(self, prediction, truth) -> None:
+        self.cm.update(prediction, truth)
+        self.count += 1
+
+    def scores(self, combine: Callable[[np.ndarray, int], tuple[np.ndarray, int]] | None = None) -> dict:
+        matrix, count = self.cm.matrix, self.count
+        if combine is not None:
+            matrix, count = combine(matrix, count)
+        cm = ConfusionMatrix(self.cm.num_classes, self.cm.ignore_index)
+        cm.matrix = matrix
+        scores = cm.scores(self.labels)
+        scores["num_images"] = count
+        scores["confusion_matrix"] = matrix.tolist()
+        return scores
 
 
 def split_items(dataset_root: str | Path, split: str) -> list[tuple[Path, Path]]:

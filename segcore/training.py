@@ -271,26 +271,48 @@ def evaluate(
 
     In data-parallel training each rank scores every N-th batch (the same batches one process
     would form) and the confusion matrices are summed: the Dice is exactly one process's."""
+    return evaluate_all({"": predict}, dataset, num_classes, ignore_index, labels, batch_size, num_workers, progress)[
+        ""
+    ]
+
+
+@torch.no_grad()
+def evaluate_all(
+    predicts: dict[str, Callable[..., torch.Tensor]],
+    dataset: EvalDataset,
+    num_classes: int,
+    ignore_index: int,
+    labels: list[str] | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """``evaluate`` of several predictors (name: predict) on one pass over the data: each batch is
+    read once and given to every one. The logits stay on their device; only the class maps
+    (``metrics.class_map``, taken there) come to the CPU."""
     from tqdm import tqdm
 
-    from segcore.scoring import scores_of
+    from segcore.metrics import class_map
+    from segcore.scoring import Tally
 
     w = parallel.world()
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     mine = batches[w.rank :: w.size]
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers, collate_fn=collate_eval)
-
-    def pairs():
-        for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
-            if len({tuple(mask.shape) for mask in masks}) == 1:
-                logits = predict(images, size=tuple(masks[0].shape))
+    tallies = {name: Tally(labels, ignore_index, num_classes) for name in predicts}
+    for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        same_size = len({tuple(mask.shape) for mask in masks}) == 1
+        for name, predict in predicts.items():
+            if same_size:
+                maps = class_map(predict(images, size=tuple(masks[0].shape))).cpu()
             else:
-                logits = [
-                    predict(image[None], size=tuple(mask.shape))[0] for image, mask in zip(images, masks, strict=True)
+                maps = [
+                    class_map(predict(image[None], size=tuple(mask.shape)))[0].cpu()
+                    for image, mask in zip(images, masks, strict=True)
                 ]
-            yield from ((logit.argmax(0), mask) for logit, mask in zip(logits, masks, strict=True))
-
-    return scores_of(pairs(), labels, ignore_index, num_classes, combine=_sum_over_ranks)
+            for prediction, mask in zip(maps, masks, strict=True):
+                tallies[name].add(prediction, mask)
+    return {name: tally.scores(combine=_sum_over_ranks) for name, tally in tallies.items()}
 
 
 def _sum_over_ranks(matrix: np.ndarray, count: int) -> tuple[np.ndarray, int]:
@@ -350,12 +372,13 @@ class _State:
             average.update(self.model)
 
     def predictor(self, net: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        """Validation logits of a CPU batch, on the CPU. In fp32 whatever the training's precision:
-        the Dice a training records is the one ``segcore eval`` gives its bundle."""
+        """Validation logits of a CPU batch, on the training's device (``evaluate`` takes the class
+        map there). In fp32 whatever the training's precision: the Dice a training records is the
+        one ``segcore eval`` gives its bundle."""
         dtype = next(net.parameters()).dtype
 
         def predict(images: torch.Tensor, size=None) -> torch.Tensor:
-            return net(self.to_device(images, dtype), size=size).float().cpu()
+            return net(self.to_device(images, dtype), size=size).float()
 
         return predict
 
@@ -713,22 +736,18 @@ def _run_epoch(config, state: _State, criterion, loader, val_set, manifest, epoc
     train_time = time.perf_counter() - started
     state.model.eval()
     labels = manifest["labels"]
-    by_source = {}
-    for name, net in state.candidates().items():
+    networks = dict(state.candidates())  # all scored on one pass over the val split
+    networks.update({f"ema_{probe.decay}": probe.model for probe in state.probes})
+    if state.ema is not None and state.probes:  # the model itself beside its averages
+        networks["ema_none"] = state.model
+    for net in networks.values():
         net.eval()
-        by_source[name] = evaluate(
-            state.predictor(net), val_set, len(labels), manifest["ignore_index"], labels, progress=progress
-        )
+    predicts = {name: state.predictor(net) for name, net in networks.items()}
+    scored = evaluate_all(predicts, val_set, len(labels), manifest["ignore_index"], labels, progress=progress)
+    by_source = {name: scored[name] for name in state.candidates()}
     source = max(by_source, key=lambda name: by_source[name]["mdice"])  # the first on a tie
     scores = by_source[source]
-    probes = {}
-    for probe in state.probes:
-        probe_scores = evaluate(state.predictor(probe.model), val_set, len(labels), manifest["ignore_index"], labels)
-        probes[str(probe.decay)] = probe_scores["mdice"]
-    if state.ema is not None and state.probes:  # the model itself beside its averages
-        probes["none"] = evaluate(state.predictor(state.model), val_set, len(labels), manifest["ignore_index"], labels)[
-            "mdice"
-        ]
+    probes = {name.removeprefix("ema_"): s["mdice"] for name, s in scored.items() if name.startswith("ema_")}
     epoch_time = time.perf_counter() - started
     state.train_seconds += epoch_time
     peak_rss = parallel.all_reduce_sum_(torch.tensor([_peak_rss_mb()], dtype=torch.float64))

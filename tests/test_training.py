@@ -322,6 +322,66 @@ def test_dice_sums_pixels_over_the_split_not_per_image():
     assert not math.isnan(s["mdice"])
 
 
+def test_class_map_is_argmax_with_the_first_index_on_ties():
+    from segcore.metrics import class_map
+
+    logits = torch.randint(0, 3, (2, 5, 4, 6)).float()  # few values: many ties
+    logits[0, :, 0, 0] = float("inf")
+    want = torch.zeros(2, 4, 6, dtype=torch.long)
+    for n, y, x in np.ndindex(2, 4, 6):
+        column = logits[n, :, y, x].tolist()
+        want[n, y, x] = column.index(max(column))  # the first largest, one pixel at a time
+    assert torch.equal(class_map(logits, 1), want)
+    assert torch.equal(class_map(logits[1], 0), want[1])
+
+
+class _Counted(torch.utils.data.Dataset):
+    """Items of an eval split (normalised image, mask at its own size), counting the reads."""
+
+    def __init__(self, items):
+        self.items, self.reads = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.items[index]
+
+
+def test_evaluate_all_scores_each_network_on_one_pass_as_a_pixel_count_does():
+    from segcore.training import evaluate, evaluate_all
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(8, 8), (8, 8), (6, 10), (8, 8), (5, 5)]  # batch 2: one batch of two sizes, one of one image
+    items = []
+    for size in sizes:
+        mask = torch.randint(0, 3, size, generator=gen)
+        mask[0, 0] = 255
+        items.append((torch.randn(3, 8, 8, generator=gen), mask))
+    dataset = _Counted(items)
+    convs = {name: torch.nn.Conv2d(3, 3, 1) for name in ("a", "b")}
+
+    def predictor(conv):
+        return lambda images, size: torch.nn.functional.interpolate(conv(images), size=size, mode="bilinear")
+
+    predicts = {name: predictor(conv) for name, conv in convs.items()}
+    together = evaluate_all(predicts, dataset, 3, 255, batch_size=2)
+    assert dataset.reads == len(sizes)  # each image read once for both networks
+    for name, predict in predicts.items():
+        matrix = np.zeros((3, 3), dtype=np.int64)
+        for image, mask in items:
+            with torch.no_grad():
+                pred = predict(image[None], size=tuple(mask.shape))[0].argmax(0)
+            for truth, guess in zip(mask.reshape(-1).tolist(), pred.reshape(-1).tolist(), strict=True):
+                if truth != 255:
+                    matrix[truth, guess] += 1
+        assert together[name]["confusion_matrix"] == matrix.tolist()
+        assert together[name]["num_images"] == len(sizes)
+        alone = evaluate(predict, dataset, 3, 255, batch_size=2)
+        assert alone["mdice"] == together[name]["mdice"] and alone["confusion_matrix"] == matrix.tolist()
+
+
 # ---------------------------------------------------------------------------------- end to end
 
 TINY = ["--input-size", "32x32", "--batch-size", "4", "--num-workers", "0"]
