@@ -47,15 +47,22 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 log = logging.getLogger(__name__)
 
 
+def megabytes_from_env(name: str, default: float, zero_means: str) -> float:
+    """A size in MiB from environment variable ``name`` (``default`` when unset or empty)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SegcoreError(f"{name}={raw!r}: give a number of MiB ({zero_means})") from None
+
+
 def limit_heap_retention() -> int:
     """Set glibc's mmap threshold to ``SEGCORE_MMAP_THRESHOLD_MB`` MiB when that is set, so that
     freed large blocks go back to the system instead of staying in the heap; the threshold set in
     bytes, or 0 when nothing was set (unset or 0, another C library, or glibc refused)."""
-    raw = os.environ.get("SEGCORE_MMAP_THRESHOLD_MB", "").strip() or "0"
-    try:
-        megabytes = float(raw)
-    except ValueError:
-        raise SegcoreError(f"SEGCORE_MMAP_THRESHOLD_MB={raw!r}: give a number of MiB (0: glibc's default)") from None
+    megabytes = megabytes_from_env("SEGCORE_MMAP_THRESHOLD_MB", 0.0, "0: glibc's default")
     if megabytes <= 0 or not sys.platform.startswith("linux"):
         return 0
     try:
@@ -65,7 +72,7 @@ def limit_heap_retention() -> int:
         return 0
     threshold = int(megabytes * 1024 * 1024)
     if not mallopt(_M_MMAP_THRESHOLD, threshold):  # glibc caps it at 32 MiB on 64-bit systems
-        log.warning("glibc refused an mmap threshold of %s MiB; its default stays", raw)
+        log.warning("glibc refused an mmap threshold of %g MiB; its default stays", megabytes)
         return 0
     return threshold
 

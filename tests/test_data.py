@@ -312,3 +312,25 @@ def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "segcore.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "convert" in proc.stdout
+
+
+def test_eval_dataset_cache_gives_the_same_items_and_reads_each_image_once(tmp_path, monkeypatch):
+    import torch
+
+    from segcore.data.dataset import EvalDataset, SegmentationDataset
+
+    generate(tmp_path / "raw", "plain", num_train=2, num_val=3, size=(40, 48), seed=3)
+    convert(tmp_path / "raw", tmp_path / "data")
+    reads = []
+    load = SegmentationDataset.load
+    monkeypatch.setattr(SegmentationDataset, "load", lambda self, i: reads.append(i) or load(self, i))
+    plain = EvalDataset(tmp_path / "data", "val", (32, 32))
+    item_bytes = 32 * 32 * 3 + 40 * 48  # a resized uint8 image and its uint8 mask
+    cached = EvalDataset(tmp_path / "data", "val", (32, 32), cache_mb=2.5 * item_bytes / 2**20)  # room for two
+    for _ in range(3):  # three epochs
+        for i in range(3):
+            want, got = plain[i], cached[i]
+            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+            assert got[1].dtype == torch.int64
+    assert reads.count(0) == reads.count(1) == 3 + 1  # plain: every epoch; cached: once
+    assert reads.count(2) == 3 + 3  # beyond the budget: read every epoch, as without a cache

@@ -86,6 +86,18 @@ def test_heap_retention_limit_sets_glibcs_mmap_threshold(monkeypatch):
     assert devices.limit_heap_retention() == 0  # not glibc: left alone
 
 
+def test_val_cache_size_comes_from_the_environment(monkeypatch):
+    from segcore.training import _val_cache_mb
+
+    monkeypatch.delenv("SEGCORE_VAL_CACHE_MB", raising=False)
+    assert _val_cache_mb() == 512.0
+    monkeypatch.setenv("SEGCORE_VAL_CACHE_MB", "0")
+    assert _val_cache_mb() == 0.0
+    monkeypatch.setenv("SEGCORE_VAL_CACHE_MB", "1g")
+    with pytest.raises(SegcoreError, match=r"SEGCORE_VAL_CACHE_MB='1g': give a number of MiB \(0: read the val"):
+        _val_cache_mb()
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"), reason="glibc only")
 def test_heap_retention_limit_is_accepted_by_glibc():
     import os

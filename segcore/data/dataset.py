@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from segcore.data.convert import load_manifest
-from segcore.data.transforms import AugmentConfig, TrainTransform, eval_preprocess
+from segcore.data.transforms import AugmentConfig, TrainTransform, eval_resize, normalize
 from segcore.errors import DataError
 
 
@@ -64,18 +64,31 @@ class SegmentationDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Images resized to the network input; masks at their original size (scoring happens there)."""
+    """Images resized to the network input; masks at their original size (scoring happens there).
 
-    def __init__(self, root: str | Path, split: str, input_size: tuple[int, int]):
+    With ``cache_mb`` > 0 the items read are kept in memory (the resized uint8 image and the mask
+    as stored), until they fill that many MiB: a training validates every epoch, and reading and
+    resizing the split again each time cost as much as the network's pass over it on a GPU."""
+
+    def __init__(self, root: str | Path, split: str, input_size: tuple[int, int], cache_mb: float = 0.0):
         self.base = SegmentationDataset(root, split)
         self.input_size = input_size
+        self.cache_left = int(cache_mb * 2**20)
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int):
-        image, mask = self.base.load(index)
-        return torch.from_numpy(eval_preprocess(image, self.input_size)), torch.from_numpy(mask.astype(np.int64))
+        item = self.cache.get(index)
+        if item is None:
+            image, mask = self.base.load(index)
+            item = eval_resize(image, self.input_size), mask
+            size = item[0].nbytes + mask.nbytes
+            if size <= self.cache_left:
+                self.cache[index], self.cache_left = item, self.cache_left - size
+        image, mask = item
+        return torch.from_numpy(normalize(image)), torch.from_numpy(mask.astype(np.int64))
 
 
 def collate_eval(batch):

@@ -232,6 +232,11 @@ class TrainTransform:
 
 def eval_preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize (not keeping the ratio) to the network input size, then normalise."""
+    return normalize(eval_resize(image, size))
+
+
+def eval_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``eval_preprocess``'s resize alone: HWC uint8 at ``size`` (H, W), not keeping the ratio."""
     if image.shape[:2] != tuple(size):
         image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    return normalize(image)
+    return image
