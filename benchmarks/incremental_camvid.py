@@ -157,7 +157,7 @@ def main() -> int:
     outs = {name: Path(folder) for name, folder in reuse.items() if folder}
     for name in ("old", "new", "scratch"):
         outs.setdefault(name, work / "incremental" / f"{args.template}-{name}-{stamp}")
-    common = ["--precision", args.precision, "--recipe", args.recipe, "--num-workers", "1", "--tracking-uri", "",
+    common = ["--precision", args.precision, "--recipe", args.recipe, "--num-workers", "1", "--no-tracking",
               *(["--input-size", args.input_size] if args.input_size else [])]  # fmt: skip
     new_lr = ["--lr", str(args.new_lr)] if args.new_lr is not None else []
     commands = {

@@ -93,7 +93,7 @@ def main() -> int:
     if not args.reuse_pretrain:
         cmd = [sys.executable, "-m", "segcore.cli", "pretrain", args.template, "--data-root",
                str(Path(args.data) / "images" / "train"), "--output", str(pre), "--epochs", str(args.pretrain_epochs),
-               "--num-workers", "1", "--precision", args.precision, "--tracking-uri", "",
+               "--num-workers", "1", "--precision", args.precision, "--no-tracking",
                *shlex.split(args.pretrain_args)]  # fmt: skip
         _run(cmd, runs / f"pretrain-{stamp}.log", env)
     meta = json.loads((pre / "pretrain.json").read_text())
@@ -110,7 +110,7 @@ def main() -> int:
 
     base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
             "--epochs", str(args.epochs), "--precision", args.precision, "--recipe", args.recipe,
-            "--num-workers", "1", "--tracking-uri", "", *shlex.split(args.train_args)]  # fmt: skip
+            "--num-workers", "1", "--no-tracking", *shlex.split(args.train_args)]  # fmt: skip
     fine = runs / f"{args.template}-finetuned-{stamp}"
     wall = _run([*base, "--output", str(fine), "--load-weights", str(pre)], runs / f"finetune-{stamp}.log", env)
     result["finetuned"] = _summary(fine, wall)

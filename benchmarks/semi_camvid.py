@@ -109,7 +109,7 @@ def main() -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = [sys.executable, "-m", "segcore.cli", "train", args.template, "--train-data-root", str(sub),
             "--epochs", str(args.epochs), "--precision", args.precision, "--recipe", args.recipe, "--num-workers", "1",
-            "--tracking-uri", "", *shlex.split(args.train_args)]  # fmt: skip
+            "--no-tracking", *shlex.split(args.train_args)]  # fmt: skip
     runs = {
         "supervised": [],
         "semi": ["--unlabeled-data-root", str(photos), *shlex.split(args.semi_args)],
