@@ -479,3 +479,31 @@ def test_system_metrics_are_on_for_training_and_off_with_one_setting(tmp_path, m
     assert not system_keys(options, system_metrics=False)  # steps that do not train
     monkeypatch.setenv("SEGCORE_SYSTEM_METRICS", "off")
     assert not system_keys(options)
+
+
+_START_A_RUN = """
+import sys
+from segcore.tracking.runs import start_run
+from segcore.tracking.settings import Settings
+settings = Settings(sys.argv[1], "race", None, None, None, None, system_metrics=False)
+start_run(settings, "train").close()
+"""
+
+
+def test_two_processes_starting_runs_on_a_fresh_sqlite_store_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    for trial in range(3):  # without the lock most trials lost a process (5 of 8 processes failed)
+        uri = f"sqlite:///{tmp_path / f'fresh-{trial}' / 'mlflow.db'}"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _START_A_RUN, uri], stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(e.strip().splitlines()[-1] for e in errors if e)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("race")
+        assert len(client.search_runs([experiment.experiment_id])) == 2

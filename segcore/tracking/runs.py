@@ -71,6 +71,30 @@ def _mlflow_defaults(uri: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
+def _ready_sqlite_store(uri: str) -> None:
+    """Create (or upgrade) a SQLite store's tables with a lock file beside it held: MLflow creates
+    them when a process first connects, and two processes doing that at once fail (alembic's
+    "Online migration expected to match one row", or sqlalchemy's CircularDependencyError), as two
+    trainings started together in a fresh folder did. Other stores are left to their servers."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if not path.name or path.name == ":memory:":
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, MLflow's own behaviour
+        return
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does for the store itself
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the model registry's
+
+
 def _experiment(client, settings: Settings) -> tuple[str, str]:
     if settings.experiment_id:
         exp = client.get_experiment(settings.experiment_id)
@@ -110,6 +134,7 @@ def start_run(
 
     uri = settings.uri
     try:
+        _ready_sqlite_store(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run_tags = {
             "segcore.step": step,
