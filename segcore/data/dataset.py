@@ -67,8 +67,8 @@ class EvalDataset(Dataset):
     """Images resized to the network input; masks at their original size (scoring happens there).
 
     With ``cache_mb`` > 0 the items read are kept in memory (the resized uint8 image and the mask
-    as stored), until they fill that many MiB: a training validates every epoch, and reading and
-    resizing the split again each time cost as much as the network's pass over it on a GPU."""
+    as stored), until they fill that many MiB: a training validates every epoch, and would read,
+    decode and resize the split again each time on its own thread (9 ms a CamVid image)."""
 
     def __init__(self, root: str | Path, split: str, input_size: tuple[int, int], cache_mb: float = 0.0):
         self.base = SegmentationDataset(root, split)
