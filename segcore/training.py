@@ -255,25 +255,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def evaluate(
-    predict: Callable[..., torch.Tensor],
-    dataset: EvalDataset,
-    num_classes: int,
-    ignore_index: int,
-    labels: list[str] | None = None,
-    batch_size: int = 4,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> dict:
-    """Dice/IoU over all pixels of a split; ``predict(images, size=...)`` resizes the logits to
-    each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR do).
-
-    In data-parallel training each rank scores every N-th batch (the same batches one process
-    would form) and the confusion matrices are summed: the Dice is exactly one process's."""
-    return evaluate_all({"": predict}, dataset, num_classes, ignore_index, labels, batch_size, num_workers, progress)[
-        ""
-    ]
+def evaluate(predict: Callable[..., torch.Tensor], dataset: EvalDataset, *args, **kwargs) -> dict:
+    """The scores of one predictor: ``evaluate_all`` with one entry (same further arguments)."""
+    return evaluate_all({"": predict}, dataset, *args, **kwargs)[""]
 
 
 @torch.no_grad()
@@ -287,9 +271,14 @@ def evaluate_all(
     num_workers: int = 0,
     progress: bool = False,
 ) -> dict[str, dict]:
-    """``evaluate`` of several predictors (name: predict) on one pass over the data: each batch is
-    read once and given to every one. The logits stay on their device; only the class maps
-    (``metrics.class_map``, taken there) come to the CPU."""
+    """Dice/IoU over all pixels of a split for each predictor (name: predict), on one pass over the
+    data: each batch is read once and given to every one. ``predict(images, size=...)`` resizes the
+    logits to each mask's own size (once, from the head's resolution, as ``segcore eval`` and the IR
+    do); the logits stay on their device and only the class maps (``metrics.class_map``, taken
+    there) come to the CPU.
+
+    In data-parallel training each rank scores every N-th batch (the same batches one process
+    would form) and the confusion matrices are summed: the Dice is exactly one process's."""
     from tqdm import tqdm
 
     from segcore.metrics import class_map
